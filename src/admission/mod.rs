@@ -1,0 +1,257 @@
+//! Admission: the checks that run after every handshake, full or resumed,
+//! and again whenever a session is re-evaluated. A resumed TLS 1.3
+//! handshake skips certificate verification, so the stored chain is checked
+//! again here against the trust anchors in force now.
+
+use crate::config::{Application, Generation};
+use crate::identity::{extract_identity, CertSummary, DeviceIdentity};
+use crate::policy::{
+    rfc3339_utc, AppInput, Decision, NetworkInput, PolicyInput, SessionInput, Transport,
+};
+use crate::protocol::Code;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Inputs of one admission.
+pub struct AdmissionRequest<'a> {
+    /// The peer's chain, leaf first, as rustls stored it.
+    pub chain: &'a [CertificateDer<'static>],
+    pub server_name: Option<&'a str>,
+    /// The validated, canonical client address.
+    pub client: SocketAddr,
+    pub transport: Transport,
+    pub now: SystemTime,
+    pub session_started: Option<Instant>,
+    pub previous: Option<&'static str>,
+}
+
+/// When a session must next be looked at.
+#[derive(Debug, Clone)]
+pub struct Deadline {
+    pub at: Instant,
+    /// True when the decision expires (evaluate again), false when the
+    /// certificate or the maximum session length ends the session.
+    pub reevaluate: bool,
+    pub reason: String,
+}
+
+/// A successful admission.
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    pub identity: Arc<DeviceIdentity>,
+    pub ca_name: Arc<str>,
+    pub application: Arc<Application>,
+    pub decision: Decision,
+    pub deadline: Option<Deadline>,
+}
+
+/// A refused admission, with what is known of the device for the log.
+#[derive(Debug, Clone)]
+pub struct Refused {
+    pub code: Code,
+    pub reason: String,
+    pub remediation: Option<String>,
+    pub device: Option<String>,
+    pub application: Option<String>,
+    pub rule: Option<String>,
+}
+
+impl Refused {
+    fn new(code: Code, reason: impl Into<String>) -> Refused {
+        Refused {
+            code,
+            reason: reason.into(),
+            remediation: None,
+            device: None,
+            application: None,
+            rule: None,
+        }
+    }
+}
+
+fn unix_seconds(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
+    }
+}
+
+/// Runs the admission checks in order: chain and validity, application,
+/// identity, policy. Never blocks the calling task.
+pub async fn admit(generation: &Generation, req: &AdmissionRequest<'_>) -> Result<Admitted, Refused> {
+    let Some((leaf, intermediates)) = req.chain.split_first() else {
+        return Err(Refused::new(
+            Code::CertificateUntrusted,
+            "no client certificate was presented",
+        ));
+    };
+    let now_unix = unix_seconds(req.now);
+    let unix_time = UnixTime::since_unix_epoch(Duration::from_secs(now_unix.max(0) as u64));
+    let verified = generation
+        .trust
+        .verify(leaf, intermediates, unix_time)
+        .map_err(|e| {
+            let summary: CertSummary = crate::identity::summarize_certificate(leaf);
+            let mut r = Refused::new(Code::CertificateUntrusted, e.to_string());
+            r.device = Some(format!("unverified {} serial {}", summary.subject, summary.serial_hex));
+            r
+        })?;
+
+    let server_name = req.server_name.unwrap_or("");
+    let Some(application) = generation.application(server_name).cloned() else {
+        let mut r = Refused::new(
+            Code::UnknownApplication,
+            if server_name.is_empty() {
+                "the client sent no TLS server name, so no application is selected".to_string()
+            } else {
+                format!("no application is configured for server name {server_name:?}")
+            },
+        );
+        r.application = Some(server_name.to_string());
+        return Err(r);
+    };
+
+    let identity = extract_identity(leaf, generation.hardware_bound_oid.as_deref()).map_err(|e| {
+        let summary = crate::identity::summarize_certificate(leaf);
+        let mut r = Refused::new(Code::InvalidIdentity, e.to_string());
+        r.device = Some(format!("{} serial {}", summary.subject, summary.serial_hex));
+        r.application = Some(application.name.clone());
+        r
+    })?;
+    let identity = Arc::new(identity);
+
+    let age = req.session_started.map_or(0, |s| s.elapsed().as_secs());
+    let input = PolicyInput {
+        device: (*identity).clone(),
+        issuing_ca: verified.ca_name.to_string(),
+        application: AppInput {
+            name: application.name.clone(),
+            server_name: application.server_name.clone(),
+            labels: application.labels.clone(),
+        },
+        network: NetworkInput {
+            client_address: req.client.ip(),
+            client_port: req.client.port(),
+            transport: req.transport,
+            path_changes: 0,
+            previous_address: None,
+        },
+        time: rfc3339_utc(now_unix),
+        now_unix,
+        session: SessionInput {
+            age_secs: age,
+            previous_decision: req.previous,
+        },
+    };
+    let policy = &generation.policy;
+    let timeout = generation.timeouts.admission;
+    let decision = match tokio::time::timeout(timeout, policy.decide(&input)).await {
+        Ok(Ok(decision)) => decision,
+        Ok(Err(e)) => {
+            let mut r = Refused::new(Code::PolicyUnavailable, e.to_string());
+            r.device = Some(identity.device_id.clone());
+            r.application = Some(application.name.clone());
+            return Err(r);
+        }
+        Err(_) => {
+            let mut r = Refused::new(
+                Code::PolicyUnavailable,
+                format!("policy engine {} did not answer within {timeout:?}", policy.engine()),
+            );
+            r.device = Some(identity.device_id.clone());
+            r.application = Some(application.name.clone());
+            return Err(r);
+        }
+    };
+    let refusal = |code, reason: &str, remediation: Option<String>, rule: &str| Refused {
+        code,
+        reason: reason.to_string(),
+        remediation,
+        device: Some(identity.device_id.clone()),
+        application: Some(application.name.clone()),
+        rule: Some(rule.to_string()),
+    };
+    match &decision {
+        Decision::Allow { .. } => {}
+        Decision::Deny {
+            reason,
+            remediation,
+            rule,
+        } => return Err(refusal(Code::PolicyDenied, reason, remediation.clone(), rule)),
+        Decision::StepUp {
+            reason,
+            challenge,
+            rule,
+            ..
+        } => {
+            return Err(refusal(
+                Code::StepUpRequired,
+                &format!("{reason}; complete the step-up at {challenge} and reconnect"),
+                Some(challenge.clone()),
+                rule,
+            ))
+        }
+    }
+    let deadline = deadline_for(
+        &decision,
+        &identity,
+        now_unix,
+        req.session_started,
+        generation.timeouts.max_session,
+    );
+    Ok(Admitted {
+        identity,
+        ca_name: verified.ca_name,
+        application,
+        decision,
+        deadline,
+    })
+}
+
+/// The earliest of the decision's expiry, the certificate's notAfter and
+/// the maximum session length.
+pub fn deadline_for(
+    decision: &Decision,
+    identity: &DeviceIdentity,
+    now_unix: i64,
+    session_started: Option<Instant>,
+    configured_max: Option<Duration>,
+) -> Option<Deadline> {
+    let now = Instant::now();
+    let started = session_started.unwrap_or(now);
+    let mut candidates: Vec<Deadline> = Vec::with_capacity(3);
+    if let Decision::Allow {
+        lifetime,
+        max_session,
+        ..
+    } = decision
+    {
+        candidates.push(Deadline {
+            at: now + *lifetime,
+            reevaluate: true,
+            reason: "the policy decision expired".into(),
+        });
+        let max = match (max_session, configured_max) {
+            (Some(a), Some(b)) => Some((*a).min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(max) = max {
+            candidates.push(Deadline {
+                at: started + max,
+                reevaluate: false,
+                reason: format!("the session reached its maximum length of {}s", max.as_secs()),
+            });
+        }
+    }
+    let remaining = identity.not_after_unix.saturating_sub(now_unix);
+    if remaining >= 0 {
+        candidates.push(Deadline {
+            at: now + Duration::from_secs(remaining as u64),
+            reevaluate: false,
+            reason: "the device certificate expired".into(),
+        });
+    }
+    candidates.into_iter().min_by_key(|d| d.at)
+}

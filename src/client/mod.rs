@@ -1,0 +1,283 @@
+//! The device side: one QUIC connection per application, admitted by the
+//! gateway's control stream, carrying one stream per local TCP connection.
+
+mod run;
+
+pub use run::{run_connect, ConnectOptions};
+
+use crate::protocol::{self, Admitted, Code, ControlMessage, ControlReader};
+use quinn::crypto::rustls::QuicClientConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Why a connection attempt or a tunnel ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// The gateway refused this device; reconnecting will not help.
+    Refused { code: Option<Code>, message: String },
+    /// Worth a reconnect after a backoff.
+    Transient(String),
+}
+
+impl Ending {
+    pub fn message(&self) -> &str {
+        match self {
+            Ending::Refused { message, .. } | Ending::Transient(message) => message,
+        }
+    }
+}
+
+/// Turns a QUIC connection error into a plain sentence and a retry class.
+pub fn classify(error: &quinn::ConnectionError) -> Ending {
+    use quinn::ConnectionError as E;
+    match error {
+        E::ConnectionClosed(close) => {
+            let code = u64::from(close.error_code);
+            if (0x100..0x200).contains(&code) {
+                let alert = (code - 0x100) as u8;
+                Ending::Refused {
+                    code: None,
+                    message: format!(
+                        "The gateway refused the connection during the TLS handshake: {}.",
+                        protocol::tls_alert_sentence(alert)
+                    ),
+                }
+            } else {
+                Ending::Transient(format!("the gateway closed the connection: {close}"))
+            }
+        }
+        E::ApplicationClosed(close) => {
+            let reason = String::from_utf8_lossy(&close.reason).to_string();
+            application_ending(Code::from_value(close.error_code.into_inner()), &reason)
+        }
+        E::TransportError(e) => {
+            let code = u64::from(e.code);
+            if (0x100..0x200).contains(&code) {
+                Ending::Refused {
+                    code: None,
+                    message: format!(
+                        "This client rejected the gateway during the TLS handshake: {}. Check --ca and --app.",
+                        e.reason
+                    ),
+                }
+            } else {
+                Ending::Transient(format!("QUIC transport error: {e}"))
+            }
+        }
+        E::VersionMismatch => Ending::Refused {
+            code: None,
+            message: "The gateway speaks no QUIC version this client supports.".into(),
+        },
+        E::TimedOut => Ending::Transient("the gateway stopped answering (idle timeout)".into()),
+        E::Reset => Ending::Transient("the gateway reset the connection (it may have restarted)".into()),
+        E::LocallyClosed => Ending::Transient("the connection was closed locally".into()),
+        E::CidsExhausted => Ending::Transient("connection IDs exhausted".into()),
+    }
+}
+
+fn application_ending(code: Option<Code>, reason: &str) -> Ending {
+    let Some(code) = code else {
+        return Ending::Transient(format!("the gateway closed the connection: {reason}"));
+    };
+    let message = if reason.is_empty() {
+        code.sentence().to_string()
+    } else {
+        format!("{} Reason: {reason}", code.sentence())
+    };
+    if code.is_transient() || code == Code::NoError {
+        Ending::Transient(message)
+    } else {
+        Ending::Refused {
+            code: Some(code),
+            message,
+        }
+    }
+}
+
+/// A device's client credentials and the gateway it talks to.
+pub struct Client {
+    endpoint: quinn::Endpoint,
+    gateway: SocketAddr,
+    server_name: String,
+}
+
+/// An admitted connection.
+pub struct Tunnel {
+    pub connection: quinn::Connection,
+    pub admitted: Admitted,
+    control: ControlReader<quinn::RecvStream>,
+}
+
+/// Builds the rustls client config: TLS 1.3, ALPN `ztgate/1`, the device
+/// certificate chain and key, and the CA that issued the gateway certificate.
+pub fn client_tls_config(cert: &Path, key: &Path, ca: &Path) -> Result<rustls::ClientConfig, String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("cannot read certificates from {}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{} contains no PEM certificate", cert.display()));
+    }
+    crate::config::check_secret_file_mode(key)?;
+    let key_der = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("cannot read a private key from {}: {e}", key.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca)
+        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("cannot read CA certificates from {}: {e}", ca.display()))?;
+    let (added, _) = roots.add_parsable_certificates(cas);
+    if added == 0 {
+        return Err(format!("{} contains no usable CA certificate", ca.display()));
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key_der)
+    .map_err(|e| format!("the key in {} does not fit the certificate in {}: {e}", key.display(), cert.display()))?;
+    config.alpn_protocols = vec![protocol::ALPN.to_vec()];
+    config.enable_early_data = false;
+    Ok(config)
+}
+
+impl Client {
+    /// Creates the client endpoint. `bind` defaults to the unspecified
+    /// address of the gateway's family with port 0.
+    pub fn new(
+        tls: rustls::ClientConfig,
+        gateway: SocketAddr,
+        server_name: &str,
+        bind: Option<SocketAddr>,
+    ) -> Result<Client, String> {
+        let crypto = QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .keep_alive_interval(Some(Duration::from_secs(10)))
+            .max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(60)).ok())
+            .max_concurrent_uni_streams(1u32.into())
+            .max_concurrent_bidi_streams(0u32.into())
+            .stream_receive_window(quinn::VarInt::from_u32(8 * 1024 * 1024))
+            .receive_window(quinn::VarInt::from_u32(16 * 1024 * 1024))
+            .send_window(16 * 1024 * 1024);
+        config.transport_config(Arc::new(transport));
+        let bind = bind.unwrap_or_else(|| match gateway {
+            SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+            SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+        });
+        let mut endpoint = quinn::Endpoint::client(bind)
+            .map_err(|e| format!("cannot bind a UDP socket on {bind}: {e}"))?;
+        endpoint.set_default_client_config(config);
+        Ok(Client {
+            endpoint,
+            gateway,
+            server_name: server_name.to_string(),
+        })
+    }
+
+    pub fn endpoint(&self) -> &quinn::Endpoint {
+        &self.endpoint
+    }
+
+    /// Connects and waits for `admitted` on the control stream.
+    pub async fn connect(&self, timeout: Duration) -> Result<Tunnel, Ending> {
+        let attempt = async {
+            let connecting = self
+                .endpoint
+                .connect(self.gateway, &self.server_name)
+                .map_err(|e| Ending::Refused {
+                    code: None,
+                    message: format!("cannot connect to {}: {e}", self.gateway),
+                })?;
+            let connection = connecting.await.map_err(|e| classify(&e))?;
+            let recv = connection.accept_uni().await.map_err(|e| classify(&e))?;
+            let mut control = ControlReader::new(recv);
+            let first = control.next().await;
+            match first {
+                Ok(Some(ControlMessage::Admitted(admitted))) => Ok(Tunnel {
+                    connection,
+                    admitted,
+                    control,
+                }),
+                Ok(Some(ControlMessage::Refused(refusal))) => {
+                    Err(application_ending(Some(refusal.code), &refusal.reason))
+                }
+                Ok(other) => {
+                    // The stream ended or carried something else: the close
+                    // reason, if any, says more.
+                    let closed = tokio::time::timeout(Duration::from_secs(2), connection.closed()).await;
+                    match closed {
+                        Ok(e) => Err(classify(&e)),
+                        Err(_) => Err(Ending::Refused {
+                            code: Some(Code::ProtocolViolation),
+                            message: format!("the gateway sent {other:?} instead of admitted"),
+                        }),
+                    }
+                }
+                Err(_) => {
+                    let closed = tokio::time::timeout(Duration::from_secs(2), connection.closed()).await;
+                    match closed {
+                        Ok(e) => Err(classify(&e)),
+                        Err(_) => Err(Ending::Transient("the control stream failed".into())),
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(Ending::Transient(format!(
+                "no answer from {} within {timeout:?}",
+                self.gateway
+            ))),
+        }
+    }
+}
+
+impl Tunnel {
+    /// Opens a stream and sends the preamble.
+    pub async fn open_stream(&self) -> Result<(quinn::SendStream, quinn::RecvStream), quinn::ConnectionError> {
+        open_stream(&self.connection).await
+    }
+
+    /// Waits until the tunnel ends, reading control messages on the way.
+    pub async fn ended(&mut self) -> Ending {
+        let mut last_close: Option<Ending> = None;
+        loop {
+            match self.control.next().await {
+                Ok(Some(ControlMessage::Closing(refusal))) => {
+                    last_close = Some(application_ending(Some(refusal.code), &refusal.reason));
+                }
+                Ok(Some(ControlMessage::GoingAway(g))) => {
+                    tracing::info!(drain_secs = g.drain_secs, reason = %g.reason, "the gateway is going away");
+                }
+                Ok(Some(ControlMessage::StepUp(s))) => {
+                    eprintln!("ztgate connect: additional verification required: {} ({})", s.challenge, s.reason);
+                }
+                Ok(Some(other)) => tracing::debug!(message = ?other, "control message"),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let error = self.connection.closed().await;
+        match last_close {
+            Some(ending) => ending,
+            None => classify(&error),
+        }
+    }
+}
+
+/// Opens a bidirectional stream and writes the preamble.
+pub async fn open_stream(
+    connection: &quinn::Connection,
+) -> Result<(quinn::SendStream, quinn::RecvStream), quinn::ConnectionError> {
+    let (mut send, recv) = connection.open_bi().await?;
+    send.write_all(&protocol::preamble()).await.map_err(|e| match e {
+        quinn::WriteError::ConnectionLost(e) => e,
+        _ => quinn::ConnectionError::LocallyClosed,
+    })?;
+    Ok((send, recv))
+}

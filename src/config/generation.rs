@@ -1,0 +1,164 @@
+//! One immutable, validated config generation and the handle that swaps it.
+
+use super::load::{load_generation, ConfigErrors};
+use crate::forward::Upstream;
+use crate::identity::TrustStore;
+use crate::policy::PolicyClient;
+use arc_swap::ArcSwap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// An application reachable through the gateway.
+#[derive(Debug)]
+pub struct Application {
+    pub name: String,
+    /// The lower-cased TLS server name that selects this application.
+    pub server_name: String,
+    pub upstream: Arc<Upstream>,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Timeouts {
+    pub handshake: Duration,
+    pub idle: Duration,
+    pub keep_alive: Duration,
+    pub admission: Duration,
+    pub drain: Duration,
+    pub max_session: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_streams_per_connection: u32,
+    pub stream_receive_window: u64,
+    pub connection_receive_window: u64,
+    pub send_window: u64,
+    pub max_connections: u32,
+    pub max_connections_per_source: u32,
+    pub max_connections_per_device: u32,
+    pub copy_buffer_bytes: usize,
+}
+
+/// A validated configuration with everything built from it.
+pub struct Generation {
+    /// Increases by one with every successful load.
+    pub id: u64,
+    pub source: PathBuf,
+    pub listen: Vec<SocketAddr>,
+    pub certified_key: Arc<rustls::sign::CertifiedKey>,
+    pub trust: Arc<TrustStore>,
+    /// Applications by lower-cased server name.
+    pub applications: HashMap<String, Arc<Application>>,
+    pub policy: Arc<dyn PolicyClient>,
+    pub hardware_bound_oid: Option<String>,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub log_level: String,
+    pub log_format: String,
+}
+
+impl std::fmt::Debug for Generation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generation")
+            .field("id", &self.id)
+            .field("source", &self.source)
+            .field("listen", &self.listen)
+            .field("applications", &self.applications.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Generation {
+    /// Finds the application selected by a TLS server name.
+    pub fn application(&self, server_name: &str) -> Option<&Arc<Application>> {
+        if server_name.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.applications.get(&server_name.to_ascii_lowercase())
+        } else {
+            self.applications.get(server_name)
+        }
+    }
+}
+
+/// The current generation, swapped atomically on reload, with a watch
+/// channel that tells live sessions a new generation is in force.
+pub struct ConfigHandle {
+    path: PathBuf,
+    current: ArcSwap<Generation>,
+    next_id: AtomicU64,
+    changed: watch::Sender<u64>,
+    reload_lock: tokio::sync::Mutex<()>,
+}
+
+impl ConfigHandle {
+    /// Loads the first generation from `path`.
+    pub fn load(path: &Path) -> Result<Arc<ConfigHandle>, ConfigErrors> {
+        let generation = load_generation(path, 1)?;
+        let (changed, _) = watch::channel(1);
+        Ok(Arc::new(ConfigHandle {
+            path: path.to_path_buf(),
+            current: ArcSwap::from_pointee(generation),
+            next_id: AtomicU64::new(2),
+            changed,
+            reload_lock: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The generation in force now.
+    pub fn current(&self) -> Arc<Generation> {
+        self.current.load_full()
+    }
+
+    /// A receiver that sees the id of each new generation.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// The one reload entry point: re-reads the file, and on success swaps the
+    /// new generation in and notifies live sessions. On error the current
+    /// generation keeps serving. File reading runs on the blocking pool.
+    pub async fn reload(&self) -> Result<Arc<Generation>, ConfigErrors> {
+        let _serial = self.reload_lock.lock().await;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let path = self.path.clone();
+        let loaded = tokio::task::spawn_blocking(move || load_generation(&path, id))
+            .await
+            .map_err(|e| {
+                ConfigErrors(vec![super::ConfigError {
+                    file: self.path.clone(),
+                    key: String::new(),
+                    message: format!("reload task failed: {e}"),
+                }])
+            })?;
+        match loaded {
+            Ok(generation) => {
+                let old = self.current();
+                if old.listen != generation.listen {
+                    tracing::warn!(
+                        old = ?old.listen,
+                        new = ?generation.listen,
+                        "gateway.listen changed; listen addresses take effect only after a restart"
+                    );
+                }
+                let generation = Arc::new(generation);
+                self.current.store(generation.clone());
+                self.changed.send_replace(generation.id);
+                tracing::info!(generation = generation.id, file = %self.path.display(), "configuration reloaded");
+                Ok(generation)
+            }
+            Err(errors) => {
+                tracing::error!(file = %self.path.display(), errors = %errors, "configuration reload rejected; the previous configuration stays in force");
+                Err(errors)
+            }
+        }
+    }
+}

@@ -1,0 +1,566 @@
+//! Reading and validating a config file into a [`Generation`].
+
+use super::generation::{Application, Generation, Limits, Timeouts};
+use super::schema::{RawAccess, RawConfig};
+use crate::forward::Upstream;
+use crate::identity::{DeviceCa, TrustStore};
+use crate::policy::{AccessRules, BuiltinPolicy};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One problem in a config file.
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// Dotted key path, for example `application[1].upstream`.
+    pub key: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.file.display(), self.key, self.message)
+        }
+    }
+}
+
+/// Every problem found in one config file.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+struct Collector {
+    file: PathBuf,
+    errors: Vec<ConfigError>,
+}
+
+impl Collector {
+    fn push(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.clone(),
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// Loads, validates and builds a generation from `path`. `id` numbers the
+/// generation. Errors list every problem found, each with the file and key.
+pub fn load_generation(path: &Path, id: u64) -> Result<Generation, ConfigErrors> {
+    let mut c = Collector {
+        file: path.to_path_buf(),
+        errors: Vec::new(),
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            c.push("", format!("cannot read the config file: {e}"));
+            return Err(ConfigErrors(c.errors));
+        }
+    };
+    let raw = match parse(&text, &mut c) {
+        Some(raw) => raw,
+        None => return Err(ConfigErrors(c.errors)),
+    };
+    let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let built = build(raw, &base, id, path, &mut c);
+    match built {
+        Some(generation) if c.errors.is_empty() => Ok(generation),
+        _ => Err(ConfigErrors(c.errors)),
+    }
+}
+
+fn parse(text: &str, c: &mut Collector) -> Option<RawConfig> {
+    let table: toml::Table = match toml::from_str(text) {
+        Ok(t) => t,
+        Err(e) => {
+            c.push("", format!("invalid TOML: {}", e.to_string().trim_end()));
+            return None;
+        }
+    };
+    let mut unknown = Vec::new();
+    let raw: Result<RawConfig, _> =
+        serde_ignored::deserialize(toml::Value::Table(table), |path| {
+            unknown.push(format_path(&path));
+        });
+    for key in unknown {
+        c.push(
+            key,
+            "unknown key; remove it or correct its spelling (docs/configuration.md lists every key)",
+        );
+    }
+    match raw {
+        Ok(raw) => Some(raw),
+        Err(e) => {
+            c.push("", format!("{e}; see docs/configuration.md for the expected type"));
+            None
+        }
+    }
+}
+
+fn format_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path as P;
+    match path {
+        P::Root => String::new(),
+        P::Seq { parent, index } => format!("{}[{index}]", format_path(parent)),
+        P::Map { parent, key } => {
+            let head = format_path(parent);
+            if head.is_empty() {
+                key.to_string()
+            } else {
+                format!("{head}.{key}")
+            }
+        }
+        P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
+            format_path(parent)
+        }
+    }
+}
+
+fn resolve(base: &Path, file: &str) -> PathBuf {
+    let p = Path::new(file);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn read_certs(c: &mut Collector, key: &str, path: &Path) -> Vec<CertificateDer<'static>> {
+    let iter = match CertificateDer::pem_file_iter(path) {
+        Ok(iter) => iter,
+        Err(e) => {
+            c.push(key, format!("cannot read {}: {e}", path.display()));
+            return Vec::new();
+        }
+    };
+    let mut certs = Vec::new();
+    for cert in iter {
+        match cert {
+            Ok(cert) => certs.push(cert),
+            Err(e) => {
+                c.push(key, format!("invalid PEM in {}: {e}", path.display()));
+                return Vec::new();
+            }
+        }
+    }
+    if certs.is_empty() {
+        c.push(
+            key,
+            format!(
+                "{} contains no PEM certificate (expected -----BEGIN CERTIFICATE-----)",
+                path.display()
+            ),
+        );
+    }
+    certs
+}
+
+/// Refuses private key files that group or others can read.
+pub(crate) fn check_secret_file_mode(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{} is readable by group or others (mode {mode:04o}); run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+fn read_key(c: &mut Collector, key: &str, path: &Path) -> Option<PrivateKeyDer<'static>> {
+    if let Err(e) = check_secret_file_mode(path) {
+        c.push(key, e);
+        return None;
+    }
+    match PrivateKeyDer::from_pem_file(path) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            c.push(
+                key,
+                format!("no usable private key in {}: {e}", path.display()),
+            );
+            None
+        }
+    }
+}
+
+fn parse_listen(c: &mut Collector, key: &str, value: &str) -> Option<SocketAddr> {
+    match value.parse::<SocketAddr>() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            c.push(
+                key,
+                format!("invalid listen address {value:?}; write IP:PORT, with IPv6 in brackets such as [::1]:4433"),
+            );
+            None
+        }
+    }
+}
+
+fn is_dotted_oid(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('.').collect();
+    parts.len() >= 2
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn build(
+    raw: RawConfig,
+    base: &Path,
+    id: u64,
+    source: &Path,
+    c: &mut Collector,
+) -> Option<Generation> {
+    // Listeners.
+    let mut listen = Vec::new();
+    if raw.gateway.listen.is_empty() {
+        c.push("gateway.listen", "no listen address; add at least one, such as \"0.0.0.0:4433\"");
+    }
+    for (i, l) in raw.gateway.listen.iter().enumerate() {
+        if let Some(addr) = parse_listen(c, &format!("gateway.listen[{i}]"), l) {
+            listen.push(addr);
+        }
+    }
+
+    // Gateway certificate and key.
+    let cert_path = resolve(base, &raw.gateway.certificate);
+    let server_chain = read_certs(c, "gateway.certificate", &cert_path);
+    let key_path = resolve(base, &raw.gateway.private_key);
+    let server_key = read_key(c, "gateway.private_key", &key_path);
+    let certified = match (server_chain.is_empty(), server_key) {
+        (false, Some(key)) => {
+            match rustls::crypto::ring::default_provider()
+                .key_provider
+                .load_private_key(key)
+            {
+                Ok(signing) => {
+                    let ck = rustls::sign::CertifiedKey::new(server_chain.clone(), signing);
+                    match ck.keys_match() {
+                        Ok(()) => Some(Arc::new(ck)),
+                        Err(e) => {
+                            c.push(
+                                "gateway.private_key",
+                                format!("the key does not match the certificate in {}: {e}", cert_path.display()),
+                            );
+                            None
+                        }
+                    }
+                }
+                Err(e) => {
+                    c.push(
+                        "gateway.private_key",
+                        format!("unsupported private key in {}: {e}", key_path.display()),
+                    );
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+
+    // Timeouts and limits.
+    let g = &raw.gateway;
+    for (key, value) in [
+        ("gateway.handshake_timeout_ms", g.handshake_timeout_ms),
+        ("gateway.idle_timeout_secs", g.idle_timeout_secs),
+        ("gateway.admission_timeout_ms", g.admission_timeout_ms),
+    ] {
+        if value == 0 {
+            c.push(key, "must be greater than 0");
+        }
+    }
+    if g.keep_alive_secs >= g.idle_timeout_secs {
+        c.push(
+            "gateway.keep_alive_secs",
+            format!(
+                "must be shorter than gateway.idle_timeout_secs ({}) or the connection idles out between keep-alives",
+                g.idle_timeout_secs
+            ),
+        );
+    }
+    let l = &raw.limits;
+    for (key, value) in [
+        ("limits.max_streams_per_connection", u64::from(l.max_streams_per_connection)),
+        ("limits.max_connections", u64::from(l.max_connections)),
+        ("limits.max_connections_per_source", u64::from(l.max_connections_per_source)),
+        ("limits.max_connections_per_device", u64::from(l.max_connections_per_device)),
+        ("limits.upstream_connect_timeout_ms", l.upstream_connect_timeout_ms),
+        ("limits.copy_buffer_bytes", l.copy_buffer_bytes as u64),
+    ] {
+        if value == 0 {
+            c.push(key, "must be greater than 0");
+        }
+    }
+    const MAX_WINDOW: u64 = (1 << 62) - 1;
+    for (key, value) in [
+        ("limits.stream_receive_window", l.stream_receive_window),
+        ("limits.connection_receive_window", l.connection_receive_window),
+        ("limits.send_window", l.send_window),
+    ] {
+        if value < 1024 || value > MAX_WINDOW {
+            c.push(key, format!("{value} is out of range; use a byte count from 1024 to 2^62-1"));
+        }
+    }
+    if l.stream_receive_window > l.connection_receive_window {
+        c.push(
+            "limits.stream_receive_window",
+            "must not exceed limits.connection_receive_window",
+        );
+    }
+
+    // Identity.
+    let hardware_bound_oid = raw.identity.hardware_bound_oid.clone();
+    if let Some(oid) = &hardware_bound_oid {
+        if !is_dotted_oid(oid) {
+            c.push(
+                "identity.hardware_bound_oid",
+                format!("{oid:?} is not a dotted OID such as \"1.3.6.1.4.1.55555.1.1\""),
+            );
+        }
+    }
+
+    // Device CAs.
+    let mut cas = Vec::new();
+    let mut ca_names = HashSet::new();
+    if raw.device_cas.is_empty() {
+        c.push("device_ca", "no device CA configured; add a [[device_ca]] table with name and certificates");
+    }
+    for (i, ca) in raw.device_cas.iter().enumerate() {
+        if ca.name.is_empty() {
+            c.push(format!("device_ca[{i}].name"), "must not be empty");
+        }
+        if !ca_names.insert(ca.name.clone()) {
+            c.push(format!("device_ca[{i}].name"), format!("duplicate device CA name {:?}", ca.name));
+        }
+        if ca.certificates.is_empty() {
+            c.push(format!("device_ca[{i}].certificates"), "list at least one PEM file");
+        }
+        let mut anchors = Vec::new();
+        for (j, f) in ca.certificates.iter().enumerate() {
+            anchors.extend(read_certs(c, &format!("device_ca[{i}].certificates[{j}]"), &resolve(base, f)));
+        }
+        let mut intermediates = Vec::new();
+        for (j, f) in ca.intermediates.iter().enumerate() {
+            intermediates.extend(read_certs(c, &format!("device_ca[{i}].intermediates[{j}]"), &resolve(base, f)));
+        }
+        cas.push(DeviceCa {
+            name: ca.name.clone(),
+            anchors,
+            intermediates,
+        });
+    }
+    let trust = if cas.iter().all(|ca| !ca.anchors.is_empty()) && !cas.is_empty() {
+        match TrustStore::new(&cas) {
+            Ok(t) => Some(Arc::new(t)),
+            Err(e) => {
+                c.push("device_ca", e);
+                None
+            }
+        }
+    } else {
+        None
+    };
+
+    // Policy settings.
+    if raw.policy.engine != "builtin" {
+        c.push(
+            "policy.engine",
+            format!("unknown engine {:?}; supported: \"builtin\"", raw.policy.engine),
+        );
+    }
+    if raw.policy.decision_lifetime_secs == 0 {
+        c.push("policy.decision_lifetime_secs", "must be greater than 0");
+    }
+
+    // Log settings.
+    if tracing_subscriber::EnvFilter::try_new(&raw.log.level).is_err() {
+        c.push(
+            "log.level",
+            format!("invalid level {:?}; use error, warn, info, debug, trace or a filter such as \"ztgate=debug\"", raw.log.level),
+        );
+    }
+    if raw.log.format != "text" && raw.log.format != "json" {
+        c.push("log.format", format!("{:?} is not a log format; use \"text\" or \"json\"", raw.log.format));
+    }
+
+    // Applications.
+    let mut applications = HashMap::new();
+    let mut names = HashSet::new();
+    let mut rules = HashMap::new();
+    let connect_timeout = Duration::from_millis(l.upstream_connect_timeout_ms);
+    for (i, app) in raw.applications.iter().enumerate() {
+        let key = |field: &str| format!("application[{i}].{field}");
+        if app.name.is_empty() {
+            c.push(key("name"), "must not be empty");
+        }
+        if !names.insert(app.name.clone()) {
+            c.push(key("name"), format!("duplicate application name {:?}", app.name));
+        }
+        let server_name = app.server_name.trim_end_matches('.').to_ascii_lowercase();
+        match ServerName::try_from(server_name.as_str()) {
+            Ok(ServerName::DnsName(_)) => {
+                if let Some(ck) = &certified {
+                    if !certificate_covers(&ck.cert[0], &server_name) {
+                        c.push(
+                            key("server_name"),
+                            format!(
+                                "{server_name:?} is not covered by the gateway certificate {}; add it (or a wildcard such as *.apps.example.com) to the certificate's subjectAltName",
+                                cert_path.display()
+                            ),
+                        );
+                    }
+                }
+            }
+            _ => c.push(
+                key("server_name"),
+                format!("{:?} is not a DNS name; clients select applications by TLS server name", app.server_name),
+            ),
+        }
+        if applications.contains_key(&server_name) {
+            c.push(key("server_name"), format!("{server_name:?} is used by another application"));
+        }
+        let upstream = match Upstream::parse(&app.upstream, connect_timeout) {
+            Ok(u) => Some(Arc::new(u)),
+            Err(e) => {
+                c.push(key("upstream"), e);
+                None
+            }
+        };
+        check_access(c, i, &app.access, &ca_names);
+        if let Some(upstream) = upstream {
+            let application = Arc::new(Application {
+                name: app.name.clone(),
+                server_name: server_name.clone(),
+                upstream,
+                labels: app.labels.clone(),
+            });
+            rules.insert(app.name.clone(), AccessRules::from_raw(&app.access));
+            applications.insert(server_name, application);
+        }
+    }
+    if raw.applications.is_empty() {
+        c.push("application", "no application configured; add an [[application]] table");
+    }
+
+    if !c.errors.is_empty() {
+        return None;
+    }
+    let policy = Arc::new(BuiltinPolicy::new(
+        rules,
+        Duration::from_secs(raw.policy.decision_lifetime_secs),
+    ));
+    Some(Generation {
+        id,
+        source: source.to_path_buf(),
+        listen,
+        certified_key: certified?,
+        trust: trust?,
+        applications,
+        policy,
+        hardware_bound_oid,
+        timeouts: Timeouts {
+            handshake: Duration::from_millis(g.handshake_timeout_ms),
+            idle: Duration::from_secs(g.idle_timeout_secs),
+            keep_alive: Duration::from_secs(g.keep_alive_secs),
+            admission: Duration::from_millis(g.admission_timeout_ms),
+            drain: Duration::from_secs(g.drain_secs),
+            max_session: (raw.policy.max_session_secs > 0)
+                .then(|| Duration::from_secs(raw.policy.max_session_secs)),
+        },
+        limits: Limits {
+            max_streams_per_connection: l.max_streams_per_connection,
+            stream_receive_window: l.stream_receive_window,
+            connection_receive_window: l.connection_receive_window,
+            send_window: l.send_window,
+            max_connections: l.max_connections,
+            max_connections_per_source: l.max_connections_per_source,
+            max_connections_per_device: l.max_connections_per_device,
+            copy_buffer_bytes: l.copy_buffer_bytes,
+        },
+        log_level: raw.log.level.clone(),
+        log_format: raw.log.format.clone(),
+    })
+}
+
+fn certificate_covers(cert: &CertificateDer<'_>, name: &str) -> bool {
+    let Ok(ee) = webpki::EndEntityCert::try_from(cert) else {
+        return false;
+    };
+    let Ok(server_name) = ServerName::try_from(name) else {
+        return false;
+    };
+    ee.verify_is_valid_for_subject_name(&server_name).is_ok()
+}
+
+fn check_access(c: &mut Collector, i: usize, access: &RawAccess, ca_names: &HashSet<String>) {
+    let key = |field: &str| format!("application[{i}].access.{field}");
+    if access.device_cas.is_empty() {
+        c.push(key("device_cas"), "list the device CAs whose devices may reach this application");
+    }
+    for (j, name) in access.device_cas.iter().enumerate() {
+        if !ca_names.contains(name) {
+            c.push(
+                format!("application[{i}].access.device_cas[{j}]"),
+                format!("no [[device_ca]] is named {name:?}"),
+            );
+        }
+    }
+    for (j, prefix) in access.spiffe_prefixes.iter().enumerate() {
+        if let Err(e) = crate::identity::device::validate_spiffe_id(prefix) {
+            c.push(
+                format!("application[{i}].access.spiffe_prefixes[{j}]"),
+                format!("{prefix:?} is not a valid SPIFFE ID prefix: {e}"),
+            );
+        }
+    }
+    for (j, pid) in access.permanent_identifiers.iter().enumerate() {
+        if !is_dotted_oid(&pid.assigner) {
+            c.push(
+                format!("application[{i}].access.permanent_identifiers[{j}].assigner"),
+                format!("{:?} is not a dotted OID", pid.assigner),
+            );
+        }
+    }
+    let has_identifiers =
+        !access.spiffe_prefixes.is_empty() || !access.permanent_identifiers.is_empty();
+    if !has_identifiers && !access.allow_any_device {
+        c.push(
+            format!("application[{i}].access"),
+            "no device can match: list spiffe_prefixes or permanent_identifiers, or set allow_any_device = true",
+        );
+    }
+    if has_identifiers && access.allow_any_device {
+        c.push(
+            format!("application[{i}].access.allow_any_device"),
+            "cannot be combined with spiffe_prefixes or permanent_identifiers; choose one",
+        );
+    }
+}

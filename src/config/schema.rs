@@ -1,0 +1,231 @@
+//! The TOML schema. Every field has a default where a safe one exists; the
+//! meaning, unit and default of each key is listed in docs/configuration.md.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RawConfig {
+    pub gateway: RawGateway,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub identity: RawIdentity,
+    #[serde(default)]
+    pub policy: RawPolicy,
+    #[serde(default)]
+    pub log: RawLog,
+    #[serde(default, rename = "device_ca")]
+    pub device_cas: Vec<RawDeviceCa>,
+    #[serde(default, rename = "application")]
+    pub applications: Vec<RawApplication>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RawGateway {
+    /// QUIC listen addresses, `host:port`; IPv6 in brackets.
+    pub listen: Vec<String>,
+    /// PEM file with the gateway's certificate chain, leaf first.
+    pub certificate: String,
+    /// PEM file with the gateway's private key; must not be readable by group or others.
+    pub private_key: String,
+    #[serde(default = "defaults::handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+    #[serde(default = "defaults::idle_timeout_secs")]
+    pub idle_timeout_secs: u64,
+    #[serde(default = "defaults::keep_alive_secs")]
+    pub keep_alive_secs: u64,
+    #[serde(default = "defaults::admission_timeout_ms")]
+    pub admission_timeout_ms: u64,
+    #[serde(default = "defaults::drain_secs")]
+    pub drain_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RawLimits {
+    #[serde(default = "defaults::max_streams")]
+    pub max_streams_per_connection: u32,
+    #[serde(default = "defaults::stream_window")]
+    pub stream_receive_window: u64,
+    #[serde(default = "defaults::connection_window")]
+    pub connection_receive_window: u64,
+    #[serde(default = "defaults::send_window")]
+    pub send_window: u64,
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: u32,
+    #[serde(default = "defaults::max_per_source")]
+    pub max_connections_per_source: u32,
+    #[serde(default = "defaults::max_per_device")]
+    pub max_connections_per_device: u32,
+    #[serde(default = "defaults::upstream_connect_timeout_ms")]
+    pub upstream_connect_timeout_ms: u64,
+    #[serde(default = "defaults::copy_buffer")]
+    pub copy_buffer_bytes: usize,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_streams_per_connection: defaults::max_streams(),
+            stream_receive_window: defaults::stream_window(),
+            connection_receive_window: defaults::connection_window(),
+            send_window: defaults::send_window(),
+            max_connections: defaults::max_connections(),
+            max_connections_per_source: defaults::max_per_source(),
+            max_connections_per_device: defaults::max_per_device(),
+            upstream_connect_timeout_ms: defaults::upstream_connect_timeout_ms(),
+            copy_buffer_bytes: defaults::copy_buffer(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawIdentity {
+    /// OID of a non-critical extension whose presence marks a hardware-bound key.
+    pub hardware_bound_oid: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RawPolicy {
+    #[serde(default = "defaults::engine")]
+    pub engine: String,
+    /// How long a built-in allow decision holds before it is evaluated again.
+    #[serde(default = "defaults::decision_lifetime_secs")]
+    pub decision_lifetime_secs: u64,
+    /// Longest a session may live, whatever the decisions say; 0 for no limit.
+    #[serde(default)]
+    pub max_session_secs: u64,
+}
+
+impl Default for RawPolicy {
+    fn default() -> Self {
+        RawPolicy {
+            engine: defaults::engine(),
+            decision_lifetime_secs: defaults::decision_lifetime_secs(),
+            max_session_secs: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RawLog {
+    #[serde(default = "defaults::log_level")]
+    pub level: String,
+    #[serde(default = "defaults::log_format")]
+    pub format: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            level: defaults::log_level(),
+            format: defaults::log_format(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RawDeviceCa {
+    pub name: String,
+    /// PEM files whose certificates are trust anchors for device certificates.
+    pub certificates: Vec<String>,
+    /// PEM files with intermediates the gateway adds to what clients send.
+    #[serde(default)]
+    pub intermediates: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RawApplication {
+    pub name: String,
+    /// TLS server name (SNI) that selects this application.
+    pub server_name: String,
+    /// The one upstream, `host:port`.
+    pub upstream: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub access: RawAccess,
+}
+
+/// Rules of the built-in policy engine for one application.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawAccess {
+    /// Names of device CAs whose devices may be considered at all.
+    #[serde(default)]
+    pub device_cas: Vec<String>,
+    /// SPIFFE ID prefixes, matched by whole path segments.
+    #[serde(default)]
+    pub spiffe_prefixes: Vec<String>,
+    #[serde(default)]
+    pub permanent_identifiers: Vec<RawPermanentId>,
+    #[serde(default)]
+    pub require_hardware_bound: bool,
+    /// Admit every device of `device_cas` without matching an identifier.
+    #[serde(default)]
+    pub allow_any_device: bool,
+    #[serde(default)]
+    pub remediation_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RawPermanentId {
+    pub assigner: String,
+    pub value: String,
+}
+
+pub mod defaults {
+    pub fn handshake_timeout_ms() -> u64 {
+        10_000
+    }
+    pub fn idle_timeout_secs() -> u64 {
+        60
+    }
+    pub fn keep_alive_secs() -> u64 {
+        15
+    }
+    pub fn admission_timeout_ms() -> u64 {
+        5_000
+    }
+    pub fn drain_secs() -> u64 {
+        10
+    }
+    pub fn max_streams() -> u32 {
+        100
+    }
+    pub fn stream_window() -> u64 {
+        2 * 1024 * 1024
+    }
+    pub fn connection_window() -> u64 {
+        16 * 1024 * 1024
+    }
+    pub fn send_window() -> u64 {
+        16 * 1024 * 1024
+    }
+    pub fn max_connections() -> u32 {
+        20_000
+    }
+    pub fn max_per_source() -> u32 {
+        64
+    }
+    pub fn max_per_device() -> u32 {
+        16
+    }
+    pub fn upstream_connect_timeout_ms() -> u64 {
+        5_000
+    }
+    pub fn copy_buffer() -> usize {
+        64 * 1024
+    }
+    pub fn engine() -> String {
+        "builtin".to_string()
+    }
+    pub fn decision_lifetime_secs() -> u64 {
+        300
+    }
+    pub fn log_level() -> String {
+        "info".to_string()
+    }
+    pub fn log_format() -> String {
+        "text".to_string()
+    }
+}

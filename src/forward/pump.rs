@@ -1,0 +1,176 @@
+//! The copy loop between one QUIC stream and one TCP connection.
+//!
+//! Endings map both ways: a FIN becomes shutdown(Write) and back; a stream
+//! reset (or STOP_SENDING) becomes a TCP RST (SO_LINGER 0) and a TCP RST
+//! becomes a stream reset in both directions.
+
+use bytes::BytesMut;
+use quinn::{ReadError, RecvStream, SendStream, VarInt, WriteError};
+use std::io;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+/// Codes used when the TCP side ends abruptly.
+#[derive(Debug, Clone, Copy)]
+pub struct ResetCodes {
+    /// Sent as RESET_STREAM and STOP_SENDING when the TCP peer resets.
+    pub tcp_reset: VarInt,
+}
+
+/// How one pumped tunnel ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PumpEnd {
+    /// Both directions finished with FIN.
+    Finished,
+    /// The QUIC peer reset its sending side or stopped ours; the TCP side was reset.
+    StreamReset(u64),
+    /// The TCP peer reset; the stream was reset with the configured code.
+    TcpReset,
+    /// The connection ended underneath the stream.
+    ConnectionLost(String),
+    /// Another I/O error; both sides were reset.
+    Error(String),
+}
+
+/// Bytes moved in each direction.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PumpStats {
+    /// From the QUIC stream to the TCP connection.
+    pub to_tcp: u64,
+    /// From the TCP connection to the QUIC stream.
+    pub to_stream: u64,
+}
+
+enum Half {
+    Done(u64),
+    Abort(PumpEnd, u64),
+}
+
+async fn stream_to_tcp(recv: &mut RecvStream, tcp: &mut OwnedWriteHalf) -> Half {
+    let mut total = 0u64;
+    loop {
+        match recv.read_chunk(usize::MAX, true).await {
+            Ok(Some(chunk)) => {
+                if let Err(e) = tcp.write_all(&chunk.bytes).await {
+                    return Half::Abort(tcp_error_end(&e), total);
+                }
+                total += chunk.bytes.len() as u64;
+            }
+            Ok(None) => {
+                // FIN from the stream: half-close the TCP connection.
+                let _ = tcp.shutdown().await;
+                return Half::Done(total);
+            }
+            Err(ReadError::Reset(code)) => {
+                return Half::Abort(PumpEnd::StreamReset(code.into_inner()), total)
+            }
+            Err(ReadError::ConnectionLost(e)) => {
+                return Half::Abort(PumpEnd::ConnectionLost(e.to_string()), total)
+            }
+            Err(e) => return Half::Abort(PumpEnd::Error(e.to_string()), total),
+        }
+    }
+}
+
+async fn tcp_to_stream(tcp: &mut OwnedReadHalf, send: &mut SendStream, buffer: usize) -> Half {
+    let mut total = 0u64;
+    let mut buf = BytesMut::with_capacity(buffer);
+    loop {
+        if buf.capacity() < buffer / 4 {
+            buf.reserve(buffer);
+        }
+        match tcp.read_buf(&mut buf).await {
+            Ok(0) => {
+                let _ = send.finish();
+                return Half::Done(total);
+            }
+            Ok(n) => {
+                let chunk = buf.split().freeze();
+                match send.write_chunk(chunk).await {
+                    Ok(()) => total += n as u64,
+                    Err(WriteError::Stopped(code)) => {
+                        return Half::Abort(PumpEnd::StreamReset(code.into_inner()), total)
+                    }
+                    Err(WriteError::ConnectionLost(e)) => {
+                        return Half::Abort(PumpEnd::ConnectionLost(e.to_string()), total)
+                    }
+                    Err(e) => return Half::Abort(PumpEnd::Error(e.to_string()), total),
+                }
+            }
+            Err(e) => return Half::Abort(tcp_error_end(&e), total),
+        }
+    }
+}
+
+fn tcp_error_end(e: &io::Error) -> PumpEnd {
+    match e.kind() {
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted => {
+            PumpEnd::TcpReset
+        }
+        _ => PumpEnd::Error(e.to_string()),
+    }
+}
+
+/// Copies both ways until both directions end or one side aborts.
+/// `buffer` is the read size for the TCP side, in bytes.
+pub async fn pump(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    tcp: TcpStream,
+    codes: ResetCodes,
+    buffer: usize,
+) -> (PumpEnd, PumpStats) {
+    let (mut tcp_read, mut tcp_write) = tcp.into_split();
+    let mut stats = PumpStats::default();
+    let outcome = {
+        let up = stream_to_tcp(&mut recv, &mut tcp_write);
+        let down = tcp_to_stream(&mut tcp_read, &mut send, buffer);
+        tokio::pin!(up, down);
+        let (mut up_done, mut down_done) = (false, false);
+        loop {
+            tokio::select! {
+                half = &mut up, if !up_done => match half {
+                    Half::Done(n) => { stats.to_tcp = n; up_done = true; }
+                    Half::Abort(end, n) => { stats.to_tcp = n; break end; }
+                },
+                half = &mut down, if !down_done => match half {
+                    Half::Done(n) => { stats.to_stream = n; down_done = true; }
+                    Half::Abort(end, n) => { stats.to_stream = n; break end; }
+                },
+            }
+            if up_done && down_done {
+                break PumpEnd::Finished;
+            }
+        }
+    };
+    match &outcome {
+        PumpEnd::Finished => {}
+        PumpEnd::TcpReset => {
+            let _ = send.reset(codes.tcp_reset);
+            let _ = recv.stop(codes.tcp_reset);
+        }
+        PumpEnd::StreamReset(code) => {
+            // The QUIC peer gave up on the stream: reset the TCP side and
+            // abandon the other direction with the same code.
+            reset_tcp(&tcp_write);
+            let code = VarInt::from_u64(*code).unwrap_or(VarInt::from_u32(0));
+            let _ = send.reset(code);
+            let _ = recv.stop(code);
+        }
+        PumpEnd::ConnectionLost(_) | PumpEnd::Error(_) => {
+            reset_tcp(&tcp_write);
+            let _ = send.reset(codes.tcp_reset);
+            let _ = recv.stop(codes.tcp_reset);
+        }
+    }
+    (outcome, stats)
+}
+
+/// Makes the socket send RST instead of FIN when it closes.
+fn reset_tcp(half: &OwnedWriteHalf) {
+    let socket = socket2::SockRef::from(half.as_ref());
+    if let Err(e) = socket.set_linger(Some(std::time::Duration::ZERO)) {
+        tracing::debug!(error = %e, "cannot set SO_LINGER 0 on a tunnel socket");
+    }
+}

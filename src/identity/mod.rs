@@ -1,0 +1,14 @@
+//! Device certificates: chain verification against the configured device CAs,
+//! the handshake-time verifier handed to rustls, and the device identity read
+//! from the leaf.
+
+pub mod device;
+mod trust;
+mod verifier;
+
+pub use device::{
+    extract_identity, summarize_certificate, CertSummary, DeviceIdentity, HardwareModuleName,
+    IdentityError, PermanentIdentifier,
+};
+pub use trust::{ChainError, DeviceCa, TrustStore, VerifiedChain};
+pub use verifier::{HandshakeOutcome, HandshakeVerifier};

@@ -1,0 +1,56 @@
+//! Listeners: the QUIC ingress, the shared state every ingress uses, and the
+//! control stream writer.
+
+mod control;
+pub mod quic;
+mod tls_config;
+
+pub use control::ControlWriter;
+pub use quic::{bind_quic, QuicIngress};
+pub use tls_config::server_tls_config;
+
+use crate::config::ConfigHandle;
+use crate::session::Registry;
+use crate::telemetry::PerSourceLimiter;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Counters the ingress keeps for tests and the admin view.
+#[derive(Debug, Default)]
+pub struct IngressStats {
+    pub handshakes_started: AtomicU64,
+    pub handshakes_failed: AtomicU64,
+    pub handshake_timeouts: AtomicU64,
+    pub pending_handshakes: AtomicU64,
+    pub admitted: AtomicU64,
+    pub refused: AtomicU64,
+    pub refused_by_cap: AtomicU64,
+    pub streams: AtomicU64,
+}
+
+/// State shared by every ingress and connection task.
+pub struct Shared {
+    pub config: Arc<ConfigHandle>,
+    pub registry: Arc<Registry>,
+    pub stats: IngressStats,
+    pub shutdown: watch::Receiver<bool>,
+    /// TLS session cache shared across config generations, so a reload does
+    /// not force every device through a full handshake.
+    pub session_cache: Arc<dyn rustls::server::StoresServerSessions>,
+    pub refusal_log: PerSourceLimiter,
+}
+
+impl Shared {
+    pub fn new(config: Arc<ConfigHandle>, shutdown: watch::Receiver<bool>) -> Arc<Shared> {
+        Arc::new(Shared {
+            config,
+            registry: Registry::new(),
+            stats: IngressStats::default(),
+            shutdown,
+            session_cache: rustls::server::ServerSessionMemoryCache::new(16 * 1024),
+            refusal_log: PerSourceLimiter::new(20, Duration::from_secs(10)),
+        })
+    }
+}

@@ -1,0 +1,468 @@
+//! The QUIC ingress: one quinn endpoint per listen address, a task per
+//! connection that runs the handshake under a deadline, admission, the
+//! control stream and the session.
+
+use super::control::ControlWriter;
+use super::tls_config::server_tls_config;
+use super::Shared;
+use crate::admission::{self, AdmissionRequest, Refused};
+use crate::config::Generation;
+use crate::forward::{pump, PumpEnd, ResetCodes};
+use crate::policy::Transport;
+use crate::protocol::{self, Admitted as AdmittedMsg, Code, ControlMessage, Refusal};
+use crate::session::{supervise, SessionState};
+use quinn::crypto::rustls::QuicServerConfig;
+use rustls::pki_types::CertificateDer;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tracing::{debug, info, warn, Instrument};
+
+/// A bound QUIC listener.
+pub struct QuicIngress {
+    pub endpoint: quinn::Endpoint,
+    pub local_addr: SocketAddr,
+}
+
+fn transport_config(generation: &Generation) -> quinn::TransportConfig {
+    let l = &generation.limits;
+    let t = &generation.timeouts;
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(l.max_streams_per_connection.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .datagram_receive_buffer_size(None)
+        .stream_receive_window(varint(l.stream_receive_window))
+        .receive_window(varint(l.connection_receive_window))
+        .send_window(l.send_window)
+        .max_idle_timeout(quinn::IdleTimeout::try_from(t.idle).ok())
+        .keep_alive_interval(None);
+    transport
+}
+
+fn varint(value: u64) -> quinn::VarInt {
+    quinn::VarInt::from_u64(value).unwrap_or(quinn::VarInt::MAX)
+}
+
+fn handshake_token_key() -> Arc<dyn quinn::crypto::HandshakeTokenKey> {
+    let mut master = [0u8; 64];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut master[..]);
+    Arc::new(ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&master))
+}
+
+/// Builds the per-connection quinn server config.
+fn server_config(
+    generation: &Generation,
+    shared: &Shared,
+    token_key: &Arc<dyn quinn::crypto::HandshakeTokenKey>,
+) -> Result<(quinn::ServerConfig, Arc<std::sync::Mutex<crate::identity::HandshakeOutcome>>), String> {
+    let (tls, outcome) = server_tls_config(generation, &[protocol::ALPN], shared.session_cache.clone())
+        .map_err(|e| format!("TLS configuration failed: {e}"))?;
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| format!("QUIC TLS configuration failed: {e}"))?;
+    let mut config = quinn::ServerConfig::new(Arc::new(crypto), token_key.clone());
+    config.transport_config(Arc::new(transport_config(generation)));
+    config.migration(true);
+    Ok((config, outcome))
+}
+
+/// Binds one endpoint per configured listen address.
+pub fn bind_quic(shared: &Arc<Shared>) -> std::io::Result<Vec<QuicIngress>> {
+    let generation = shared.config.current();
+    let token_key = handshake_token_key();
+    let mut out = Vec::new();
+    for addr in &generation.listen {
+        let (config, _) = server_config(&generation, shared, &token_key)
+            .map_err(std::io::Error::other)?;
+        let endpoint = quinn::Endpoint::server(config, *addr).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot listen on UDP {addr}: {e}"))
+        })?;
+        let local_addr = endpoint.local_addr()?;
+        info!(%local_addr, "QUIC listener started");
+        out.push(QuicIngress {
+            endpoint,
+            local_addr,
+        });
+    }
+    Ok(out)
+}
+
+impl QuicIngress {
+    /// Accepts connections until shutdown.
+    pub async fn run(self, shared: Arc<Shared>) {
+        let token_key = handshake_token_key();
+        let mut shutdown = shared.shutdown.clone();
+        loop {
+            let incoming = tokio::select! {
+                incoming = self.endpoint.accept() => incoming,
+                _ = shutdown.changed() => break,
+            };
+            let Some(incoming) = incoming else { break };
+            accept_one(incoming, &shared, &token_key);
+        }
+        info!(local_addr = %self.local_addr, "QUIC listener stopped accepting");
+    }
+}
+
+fn accept_one(
+    incoming: quinn::Incoming,
+    shared: &Arc<Shared>,
+    token_key: &Arc<dyn quinn::crypto::HandshakeTokenKey>,
+) {
+    let remote = canonical(incoming.remote_address());
+    let generation = shared.config.current();
+    let limits = &generation.limits;
+    let Some(source_guard) = shared.registry.try_acquire_source(
+        remote.ip(),
+        limits.max_connections_per_source,
+        limits.max_connections,
+    ) else {
+        shared.stats.refused_by_cap.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = shared.refusal_log.check(remote.ip(), Instant::now()) {
+            info!(source = %remote, suppressed, reason = "connection cap reached", "connection refused");
+        }
+        incoming.refuse();
+        return;
+    };
+    let (config, outcome) = match server_config(&generation, shared, token_key) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(source = %remote, error = %e, "cannot build the connection's TLS configuration; connection ignored");
+            incoming.ignore();
+            return;
+        }
+    };
+    let connecting = match incoming.accept_with(Arc::new(config)) {
+        Ok(c) => c,
+        Err(e) => {
+            debug!(source = %remote, error = %e, "incoming connection failed before the handshake");
+            return;
+        }
+    };
+    let shared = shared.clone();
+    let span = tracing::info_span!("conn", source = %remote, transport = "quic", sni = tracing::field::Empty, device = tracing::field::Empty, app = tracing::field::Empty, session = tracing::field::Empty);
+    tokio::spawn(
+        async move {
+            let _source_guard = source_guard;
+            handle_connection(connecting, outcome, remote, generation, shared).await;
+        }
+        .instrument(span),
+    );
+}
+
+/// Removes IPv4-mapped IPv6 forms so logs and policy see one address form.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+async fn handle_connection(
+    mut connecting: quinn::Connecting,
+    outcome: Arc<std::sync::Mutex<crate::identity::HandshakeOutcome>>,
+    remote: SocketAddr,
+    generation: Arc<Generation>,
+    shared: Arc<Shared>,
+) {
+    let stats = &shared.stats;
+    stats.handshakes_started.fetch_add(1, Ordering::Relaxed);
+    stats.pending_handshakes.fetch_add(1, Ordering::Relaxed);
+    let deadline = generation.timeouts.handshake;
+    let handshake = async {
+        let sni = connecting
+            .handshake_data()
+            .await
+            .ok()
+            .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|d| d.server_name);
+        if let Some(name) = &sni {
+            tracing::Span::current().record("sni", name.as_str());
+        }
+        (sni, connecting.await)
+    };
+    let result = tokio::time::timeout(deadline, handshake).await;
+    stats.pending_handshakes.fetch_sub(1, Ordering::Relaxed);
+    let (sni, connection) = match result {
+        Err(_) => {
+            stats.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
+            if shared.refusal_log.check(remote.ip(), Instant::now()).is_some() {
+                info!(reason = "handshake-timeout", deadline = ?deadline, "connection refused: the handshake did not complete in time");
+            }
+            return;
+        }
+        Ok((sni, Err(e))) => {
+            stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+            log_handshake_failure(&shared, remote, sni.as_deref(), &outcome, &e);
+            return;
+        }
+        Ok((sni, Ok(c))) => (sni, c),
+    };
+    let verified_now = outcome.lock().map(|o| o.verified).unwrap_or(false);
+    let chain: Vec<CertificateDer<'static>> = connection
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .map(|b| *b)
+        .unwrap_or_default();
+    run_admitted(connection, chain, sni, remote, !verified_now, shared).await;
+}
+
+fn log_handshake_failure(
+    shared: &Shared,
+    remote: SocketAddr,
+    sni: Option<&str>,
+    outcome: &std::sync::Mutex<crate::identity::HandshakeOutcome>,
+    error: &quinn::ConnectionError,
+) {
+    let Some(suppressed) = shared.refusal_log.check(remote.ip(), Instant::now()) else {
+        return;
+    };
+    let rejected = outcome.lock().ok().and_then(|o| o.rejected.clone());
+    match rejected {
+        Some((leaf, err)) => info!(
+            unverified_subject = %leaf.subject,
+            unverified_serial = %leaf.serial_hex,
+            unverified_issuer = %leaf.issuer,
+            unverified_sha256 = %leaf.cert_sha256,
+            app = sni.unwrap_or(""),
+            reason = err.reason_label(),
+            detail = %err,
+            suppressed,
+            "connection refused at the handshake"
+        ),
+        None => info!(
+            app = sni.unwrap_or(""),
+            reason = "handshake-failed",
+            detail = %error,
+            suppressed,
+            "connection refused at the handshake"
+        ),
+    }
+}
+
+async fn run_admitted(
+    connection: quinn::Connection,
+    chain: Vec<CertificateDer<'static>>,
+    sni: Option<String>,
+    remote: SocketAddr,
+    resumed: bool,
+    shared: Arc<Shared>,
+) {
+    let stats = &shared.stats;
+    let started = Instant::now();
+    let mut control = match ControlWriter::open(&connection).await {
+        Ok(c) => c,
+        Err(e) => {
+            debug!(error = %e, "connection ended before the control stream opened");
+            return;
+        }
+    };
+    let generation = shared.config.current();
+    let request = AdmissionRequest {
+        chain: &chain,
+        server_name: sni.as_deref(),
+        client: remote,
+        transport: Transport::Quic,
+        now: SystemTime::now(),
+        session_started: None,
+        previous: None,
+    };
+    let admitted = match admission::admit(&generation, &request).await {
+        Ok(a) => a,
+        Err(refused) => {
+            stats.refused.fetch_add(1, Ordering::Relaxed);
+            log_refusal(&shared, remote, resumed, &refused);
+            refuse(&connection, &mut control, ControlMessage::Refused(Refusal {
+                code: refused.code,
+                reason: refused.reason.clone(),
+                remediation: refused.remediation.clone(),
+            }), refused.code, &refused.reason)
+            .await;
+            return;
+        }
+    };
+    let span = tracing::Span::current();
+    span.record("device", admitted.identity.device_id.as_str());
+    span.record("app", admitted.application.name.as_str());
+
+    let guard = match shared.registry.register(
+        admitted.identity.clone(),
+        admitted.ca_name.clone(),
+        &admitted.application.name,
+        Transport::Quic,
+        remote,
+        generation.limits.max_connections_per_device,
+    ) {
+        Ok(g) => g,
+        Err(close) => {
+            stats.refused.fetch_add(1, Ordering::Relaxed);
+            if shared.refusal_log.check(remote.ip(), Instant::now()).is_some() {
+                info!(reason = close.code.name(), detail = %close.reason, "connection refused");
+            }
+            refuse(&connection, &mut control, ControlMessage::Refused(Refusal {
+                code: close.code,
+                reason: close.reason.clone(),
+                remediation: None,
+            }), close.code, &close.reason)
+            .await;
+            return;
+        }
+    };
+    span.record("session", guard.entry.id);
+    stats.admitted.fetch_add(1, Ordering::Relaxed);
+    let expires_in = admitted
+        .deadline
+        .as_ref()
+        .map(|d| d.at.saturating_duration_since(Instant::now()).as_secs());
+    let message = ControlMessage::Admitted(AdmittedMsg {
+        session_id: guard.entry.id,
+        application: admitted.application.name.clone(),
+        device_id: admitted.identity.device_id.clone(),
+        expires_in_secs: expires_in,
+    });
+    if let Err(e) = control.send(&message).await {
+        debug!(error = %e, "connection ended before admitted was sent");
+        return;
+    }
+    debug!(rule = admitted.decision.rule(), resumed, ca = %admitted.ca_name, "connection admitted");
+
+    let mut state = SessionState {
+        chain,
+        server_name: sni,
+        transport: Transport::Quic,
+        client: remote,
+        started,
+        admitted,
+    };
+    let mut close_rx = guard.close.clone();
+    let mut shutdown = shared.shutdown.clone();
+    let streams = accept_streams(connection.clone(), shared.clone(), guard.entry.clone(), state.admitted.application.clone());
+    tokio::pin!(streams);
+    let ending = tokio::select! {
+        request = supervise(&mut state, &shared.config, &mut close_rx, &mut shutdown) => Some(request),
+        _ = &mut streams => None,
+    };
+    let entry = &guard.entry;
+    let up = entry.bytes_to_upstream.load(Ordering::Relaxed);
+    let down = entry.bytes_to_client.load(Ordering::Relaxed);
+    match ending {
+        Some(request) => {
+            info!(code = request.code.name(), reason = %request.reason, bytes_to_upstream = up, bytes_to_client = down, duration_ms = started.elapsed().as_millis() as u64, "session closed by the gateway");
+            let message = ControlMessage::Closing(Refusal {
+                code: request.code,
+                reason: request.reason.clone(),
+                remediation: request.remediation.clone(),
+            });
+            refuse(&connection, &mut control, message, request.code, &request.reason).await;
+        }
+        None => {
+            let reason = connection.close_reason().map(|r| r.to_string()).unwrap_or_default();
+            info!(reason = %reason, bytes_to_upstream = up, bytes_to_client = down, duration_ms = started.elapsed().as_millis() as u64, "session ended");
+        }
+    }
+}
+
+fn log_refusal(shared: &Shared, remote: SocketAddr, resumed: bool, refused: &Refused) {
+    if let Some(suppressed) = shared.refusal_log.check(remote.ip(), Instant::now()) {
+        info!(
+            device = refused.device.as_deref().unwrap_or(""),
+            app = refused.application.as_deref().unwrap_or(""),
+            reason = refused.code.name(),
+            detail = %refused.reason,
+            rule = refused.rule.as_deref().unwrap_or(""),
+            resumed,
+            suppressed,
+            "connection refused after the handshake"
+        );
+    }
+}
+
+/// Sends a refusal or close message, waits briefly for it to be
+/// acknowledged, then closes the connection with the code.
+async fn refuse(
+    connection: &quinn::Connection,
+    control: &mut ControlWriter,
+    message: ControlMessage,
+    code: Code,
+    reason: &str,
+) {
+    if control.send(&message).await.is_ok() {
+        control.finish_and_flush(Duration::from_millis(500)).await;
+    }
+    let reason = reason.as_bytes();
+    let reason = &reason[..reason.len().min(512)];
+    connection.close(code.into(), reason);
+}
+
+/// Accepts bidirectional streams until the connection ends; each becomes
+/// one TCP connection to the application's upstream.
+async fn accept_streams(
+    connection: quinn::Connection,
+    shared: Arc<Shared>,
+    entry: Arc<crate::session::SessionEntry>,
+    application: Arc<crate::config::Application>,
+) {
+    let buffer = shared.config.current().limits.copy_buffer_bytes;
+    loop {
+        let (send, recv) = match connection.accept_bi().await {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        shared.stats.streams.fetch_add(1, Ordering::Relaxed);
+        let entry = entry.clone();
+        let application = application.clone();
+        tokio::spawn(
+            async move {
+                forward_stream(send, recv, &application, &entry, buffer).await;
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+async fn forward_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    application: &crate::config::Application,
+    entry: &crate::session::SessionEntry,
+    buffer: usize,
+) {
+    let stream_id = send.id().index();
+    let mut preamble = [0u8; protocol::PREAMBLE_LEN];
+    let read = tokio::time::timeout(Duration::from_secs(30), recv.read_exact(&mut preamble)).await;
+    let valid = match read {
+        Ok(Ok(())) => protocol::parse_preamble(preamble).map_err(|e| e.to_string()),
+        Ok(Err(e)) => Err(format!("stream ended before its preamble: {e}")),
+        Err(_) => Err("no preamble within 30 s".to_string()),
+    };
+    if let Err(reason) = valid {
+        debug!(stream = stream_id, reason = %reason, "stream rejected");
+        let _ = send.reset(Code::ProtocolViolation.into());
+        let _ = recv.stop(Code::ProtocolViolation.into());
+        return;
+    }
+    let started = Instant::now();
+    let tcp = match application.upstream.connect().await {
+        Ok(tcp) => tcp,
+        Err(e) => {
+            warn!(stream = stream_id, upstream = %application.upstream.display(), error = %e, "upstream unreachable; stream reset");
+            let _ = send.reset(Code::UpstreamUnreachable.into());
+            let _ = recv.stop(Code::UpstreamUnreachable.into());
+            return;
+        }
+    };
+    debug!(stream = stream_id, connect_ms = started.elapsed().as_millis() as u64, "upstream connected");
+    let (end, stats) = pump(
+        send,
+        recv,
+        tcp,
+        ResetCodes {
+            tcp_reset: Code::UpstreamReset.into(),
+        },
+        buffer,
+    )
+    .await;
+    entry.bytes_to_upstream.fetch_add(stats.to_tcp, Ordering::Relaxed);
+    entry.bytes_to_client.fetch_add(stats.to_stream, Ordering::Relaxed);
+    match end {
+        PumpEnd::Finished => debug!(stream = stream_id, to_upstream = stats.to_tcp, to_client = stats.to_stream, "stream finished"),
+        other => debug!(stream = stream_id, end = ?other, to_upstream = stats.to_tcp, to_client = stats.to_stream, "stream ended abruptly"),
+    }
+}

@@ -1,0 +1,42 @@
+//! The rustls server configuration for one connection.
+
+use crate::config::Generation;
+use crate::identity::{HandshakeOutcome, HandshakeVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, StoresServerSessions};
+use rustls::sign::CertifiedKey;
+use std::sync::{Arc, Mutex, OnceLock};
+
+#[derive(Debug)]
+struct FixedCert(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for FixedCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<rustls::crypto::CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
+}
+
+/// Builds a TLS 1.3-only server config whose client verifier reports into
+/// the returned outcome. `alpn` is the list offered (empty for none).
+pub fn server_tls_config(
+    generation: &Generation,
+    alpn: &[&[u8]],
+    session_cache: Arc<dyn StoresServerSessions>,
+) -> Result<(rustls::ServerConfig, Arc<Mutex<HandshakeOutcome>>), rustls::Error> {
+    let (verifier, outcome) = HandshakeVerifier::new(generation.trust.clone());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(FixedCert(generation.certified_key.clone())));
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config.session_storage = session_cache;
+    // 0-RTT stays off: early data would reach an upstream before admission.
+    config.max_early_data_size = 0;
+    Ok((config, outcome))
+}

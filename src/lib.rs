@@ -1,0 +1,31 @@
+//! ztgate: a userspace zero-trust network access gateway.
+//!
+//! A device proves who it is with a certificate over mutual TLS (QUIC), the
+//! gateway checks the chain, reads the device identity and asks a policy
+//! engine, and then forwards each stream of the connection to the one
+//! upstream of the application that the TLS server name selects. Trust is
+//! checked after every handshake and again while the session lives.
+//!
+//! Module map: `config` (TOML, generations), `identity` (chains, device
+//! identity), `policy` (the decision seam), `ingress` (listeners),
+//! `admission` (post-handshake checks), `session` (live sessions),
+//! `forward` (upstream and copy), `client` (the device side), `protocol`
+//! (wire formats and codes), `telemetry` (logs).
+
+pub mod admission;
+pub mod client;
+pub mod config;
+pub mod forward;
+pub mod gateway;
+pub mod identity;
+pub mod ingress;
+pub mod policy;
+pub mod protocol;
+pub mod session;
+pub mod telemetry;
+
+/// Installs ring as the process-wide rustls crypto provider. Safe to call
+/// more than once.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

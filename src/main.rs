@@ -1,0 +1,196 @@
+//! The `ztgate` command line: `serve`, `connect` and `check-config`.
+
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use ztgate::client::{run_connect, ConnectOptions};
+use ztgate::config::ConfigHandle;
+use ztgate::gateway::Gateway;
+
+#[derive(Parser)]
+#[command(name = "ztgate", version, about = "Zero-trust network access gateway: one mutual-TLS tunnel per application")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// Path of the TOML config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Open a tunnel to one application through a gateway.
+    Connect {
+        /// Gateway QUIC address, HOST:PORT.
+        #[arg(long)]
+        gateway: String,
+        /// The application's TLS server name, for example wiki.apps.example.com.
+        #[arg(long)]
+        app: String,
+        /// Local TCP address to accept connections on (loopback only unless --allow-non-loopback).
+        #[arg(long, conflicts_with = "stdio")]
+        listen: Option<SocketAddr>,
+        /// Carry one stream on standard input and output (for ssh's ProxyCommand).
+        #[arg(long)]
+        stdio: bool,
+        /// Device certificate chain (PEM), leaf first.
+        #[arg(long)]
+        cert: PathBuf,
+        /// Device private key (PEM); must not be readable by group or others.
+        #[arg(long)]
+        key: PathBuf,
+        /// CA certificate(s) that issued the gateway's certificate (PEM).
+        #[arg(long)]
+        ca: PathBuf,
+        /// Accept --listen addresses that are not loopback.
+        #[arg(long)]
+        allow_non_loopback: bool,
+        /// Seconds to wait for the gateway to admit a connection.
+        #[arg(long, default_value_t = 10)]
+        connect_timeout_secs: u64,
+        /// Longest pause between reconnect attempts, in seconds.
+        #[arg(long, default_value_t = 30)]
+        max_backoff_secs: u64,
+    },
+    /// Validate a config file and report every error.
+    CheckConfig {
+        /// Path of the TOML config file.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { file } => {
+            ztgate::install_crypto_provider();
+            match ConfigHandle::load(&file) {
+                Ok(handle) => {
+                    let g = handle.current();
+                    println!(
+                        "{}: OK ({} applications, {} device CAs, {} listeners)",
+                        file.display(),
+                        g.applications.len(),
+                        g.trust.ca_names().len(),
+                        g.listen.len()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    eprintln!("{}: {} error(s)", file.display(), errors.0.len());
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Serve { config } => serve(config),
+        Command::Connect {
+            gateway,
+            app,
+            listen,
+            stdio,
+            cert,
+            key,
+            ca,
+            allow_non_loopback,
+            connect_timeout_secs,
+            max_backoff_secs,
+        } => {
+            if std::env::var_os("RUST_LOG").is_some() {
+                ztgate::telemetry::init("warn", "text");
+            }
+            let options = ConnectOptions {
+                gateway,
+                app,
+                cert,
+                key,
+                ca,
+                listen,
+                stdio,
+                allow_non_loopback,
+                connect_timeout: Duration::from_secs(connect_timeout_secs.max(1)),
+                max_backoff: Duration::from_secs(max_backoff_secs.max(1)),
+            };
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("ztgate connect: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(run_connect(options)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(message) => {
+                    eprintln!("ztgate connect: {message}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn serve(config: PathBuf) -> ExitCode {
+    ztgate::install_crypto_provider();
+    // Validate before the runtime starts so errors reach the terminal plainly.
+    let preview = match ConfigHandle::load(&config) {
+        Ok(h) => h.current(),
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("ztgate serve: {} error(s) in {}; not starting", errors.0.len(), config.display());
+            return ExitCode::from(2);
+        }
+    };
+    ztgate::telemetry::init(&preview.log_level, &preview.log_format);
+    drop(preview);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ztgate serve: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let gateway = match Gateway::start(&config).await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(error = %e, "gateway failed to start");
+                eprintln!("ztgate serve: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        for addr in gateway.quic_addrs() {
+            println!("ztgate: listening quic {addr}");
+        }
+        tracing::info!(config = %config.display(), "gateway started");
+        let signals = wait_for_signals(&gateway).await;
+        if let Err(e) = signals {
+            tracing::error!(error = %e, "cannot install signal handlers");
+        }
+        tracing::info!("gateway stopping");
+        gateway.shutdown().await;
+        tracing::info!("gateway stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signals(gateway: &Gateway) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP received; reloading the configuration");
+                let _ = gateway.reload().await;
+            }
+        }
+    }
+}

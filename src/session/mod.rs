@@ -1,0 +1,9 @@
+//! Live sessions: the registry that indexes them, and the supervisor that
+//! decides when each one must end. Both are transport-neutral; the ingress
+//! that owns the connection applies the close the supervisor returns.
+
+mod registry;
+mod supervisor;
+
+pub use registry::{Registry, SessionEntry, SessionGuard, Selector, SourceGuard};
+pub use supervisor::{supervise, CloseRequest, SessionState};

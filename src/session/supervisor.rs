@@ -1,0 +1,134 @@
+//! The session supervisor: one select over everything that can end a
+//! session, with re-evaluation when the decision expires or the config changes.
+
+use crate::admission::{self, AdmissionRequest, Admitted};
+use crate::config::ConfigHandle;
+use crate::policy::Transport;
+use crate::protocol::Code;
+use rustls::pki_types::CertificateDer;
+use std::net::SocketAddr;
+use std::time::{Instant, SystemTime};
+use tokio::sync::watch;
+
+/// A request to end a session, with the code and reason sent to the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseRequest {
+    pub code: Code,
+    pub reason: String,
+    pub remediation: Option<String>,
+}
+
+impl CloseRequest {
+    pub fn new(code: Code, reason: impl Into<String>) -> CloseRequest {
+        CloseRequest {
+            code,
+            reason: reason.into(),
+            remediation: None,
+        }
+    }
+}
+
+/// What the supervisor needs to re-evaluate a session.
+pub struct SessionState {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub server_name: Option<String>,
+    pub transport: Transport,
+    pub client: SocketAddr,
+    pub started: Instant,
+    pub admitted: Admitted,
+}
+
+/// Waits until the session must end and returns why. Re-evaluates the
+/// session when its decision expires and whenever a new config generation
+/// is in force; the certificate's notAfter and the maximum session length
+/// end it without re-evaluation.
+pub async fn supervise(
+    state: &mut SessionState,
+    config: &ConfigHandle,
+    close: &mut watch::Receiver<Option<CloseRequest>>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> CloseRequest {
+    let mut generations = config.subscribe();
+    generations.mark_unchanged();
+    loop {
+        if let Some(request) = close.borrow_and_update().clone() {
+            return request;
+        }
+        if *shutdown.borrow_and_update() {
+            return CloseRequest::new(Code::GoingAway, "the gateway is shutting down");
+        }
+        let deadline = state.admitted.deadline.clone();
+        let sleep = async {
+            match deadline.as_ref() {
+                Some(d) => tokio::time::sleep_until(d.at.into()).await,
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            changed = close.changed() => {
+                if changed.is_err() {
+                    return CloseRequest::new(Code::InternalError, "session registry entry dropped");
+                }
+            }
+            changed = shutdown.changed() => {
+                if changed.is_err() {
+                    return CloseRequest::new(Code::GoingAway, "the gateway is shutting down");
+                }
+            }
+            changed = generations.changed() => {
+                if changed.is_ok() {
+                    if let Err(request) = reevaluate(state, config, "config-reload").await {
+                        return request;
+                    }
+                }
+            }
+            _ = sleep => {
+                let Some(d) = deadline else { continue };
+                if d.reevaluate {
+                    if let Err(request) = reevaluate(state, config, "decision-expired").await {
+                        return request;
+                    }
+                } else {
+                    return CloseRequest::new(Code::SessionExpired, d.reason);
+                }
+            }
+        }
+    }
+}
+
+async fn reevaluate(
+    state: &mut SessionState,
+    config: &ConfigHandle,
+    trigger: &'static str,
+) -> Result<(), CloseRequest> {
+    let generation = config.current();
+    let request = AdmissionRequest {
+        chain: &state.chain,
+        server_name: state.server_name.as_deref(),
+        client: state.client,
+        transport: state.transport,
+        now: SystemTime::now(),
+        session_started: Some(state.started),
+        previous: Some(state.admitted.decision.outcome()),
+    };
+    match admission::admit(&generation, &request).await {
+        Ok(admitted) => {
+            tracing::debug!(trigger, rule = admitted.decision.rule(), "session re-evaluated: allowed");
+            state.admitted = admitted;
+            Ok(())
+        }
+        Err(refusal) => {
+            tracing::info!(
+                trigger,
+                code = refusal.code.name(),
+                reason = %refusal.reason,
+                "session re-evaluated: closing"
+            );
+            Err(CloseRequest {
+                code: refusal.code,
+                reason: refusal.reason,
+                remediation: refusal.remediation,
+            })
+        }
+    }
+}

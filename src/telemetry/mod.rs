@@ -1,0 +1,84 @@
+//! Tracing setup and rate limits for repetitive log lines.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Installs the global tracing subscriber. `RUST_LOG`, when set, overrides
+/// the configured level.
+pub fn init(level: &str, format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = if format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+    if let Err(e) = result {
+        eprintln!("ztgate: logging was already initialised: {e}");
+    }
+}
+
+/// Allows a fixed number of events per source address per window, and
+/// counts what it suppressed so the next allowed line can report it.
+pub struct PerSourceLimiter {
+    per_window: u32,
+    window: Duration,
+    state: Mutex<HashMap<IpAddr, (Instant, u32, u64)>>,
+}
+
+impl PerSourceLimiter {
+    pub fn new(per_window: u32, window: Duration) -> PerSourceLimiter {
+        PerSourceLimiter {
+            per_window,
+            window,
+            state: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Returns `Some(suppressed_since_last)` when an event from `ip` may be
+    /// logged now, `None` when it must be dropped.
+    pub fn check(&self, ip: IpAddr, now: Instant) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.len() > 10_000 {
+            let window = self.window;
+            state.retain(|_, (start, _, _)| now.duration_since(*start) < window);
+        }
+        let entry = state.entry(ip).or_insert((now, 0, 0));
+        if now.duration_since(entry.0) >= self.window {
+            *entry = (now, 0, entry.2);
+        }
+        if entry.1 < self.per_window {
+            entry.1 += 1;
+            let suppressed = entry.2;
+            entry.2 = 0;
+            Some(suppressed)
+        } else {
+            entry.2 += 1;
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limiter_allows_burst_then_suppresses() {
+        let limiter = PerSourceLimiter::new(2, Duration::from_secs(10));
+        let ip: IpAddr = "192.0.2.1".parse().expect("ip");
+        let t0 = Instant::now();
+        assert_eq!(limiter.check(ip, t0), Some(0));
+        assert_eq!(limiter.check(ip, t0), Some(0));
+        assert_eq!(limiter.check(ip, t0), None);
+        assert_eq!(limiter.check(ip, t0), None);
+        let later = t0 + Duration::from_secs(11);
+        assert_eq!(limiter.check(ip, later), Some(2));
+    }
+}
