@@ -8,7 +8,7 @@ use bytes::BytesMut;
 use quinn::{ReadError, RecvStream, SendStream, VarInt, WriteError};
 use std::io;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
 /// Codes used when the TCP side ends abruptly.
@@ -47,7 +47,7 @@ enum Half {
     Abort(PumpEnd, u64),
 }
 
-async fn stream_to_tcp(recv: &mut RecvStream, tcp: &mut OwnedWriteHalf) -> Half {
+async fn stream_to_tcp(recv: &mut RecvStream, tcp: &mut WriteHalf<'_>) -> Half {
     let mut total = 0u64;
     loop {
         match recv.read_chunk(usize::MAX, true).await {
@@ -73,7 +73,7 @@ async fn stream_to_tcp(recv: &mut RecvStream, tcp: &mut OwnedWriteHalf) -> Half 
     }
 }
 
-async fn tcp_to_stream(tcp: &mut OwnedReadHalf, send: &mut SendStream, buffer: usize) -> Half {
+async fn tcp_to_stream(tcp: &mut ReadHalf<'_>, send: &mut SendStream, buffer: usize) -> Half {
     let mut total = 0u64;
     let mut buf = BytesMut::with_capacity(buffer);
     loop {
@@ -117,13 +117,15 @@ fn tcp_error_end(e: &io::Error) -> PumpEnd {
 pub async fn pump(
     mut send: SendStream,
     mut recv: RecvStream,
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     codes: ResetCodes,
     buffer: usize,
 ) -> (PumpEnd, PumpStats) {
-    let (mut tcp_read, mut tcp_write) = tcp.into_split();
     let mut stats = PumpStats::default();
     let outcome = {
+        // Borrowed halves: unlike owned halves, dropping them sends no FIN,
+        // so an abort below can still end the connection with RST alone.
+        let (mut tcp_read, mut tcp_write) = tcp.split();
         let up = stream_to_tcp(&mut recv, &mut tcp_write);
         let down = tcp_to_stream(&mut tcp_read, &mut send, buffer);
         tokio::pin!(up, down);
@@ -153,13 +155,13 @@ pub async fn pump(
         PumpEnd::StreamReset(code) => {
             // The QUIC peer gave up on the stream: reset the TCP side and
             // abandon the other direction with the same code.
-            reset_tcp(&tcp_write);
+            reset_tcp(&tcp);
             let code = VarInt::from_u64(*code).unwrap_or(VarInt::from_u32(0));
             let _ = send.reset(code);
             let _ = recv.stop(code);
         }
         PumpEnd::ConnectionLost(_) | PumpEnd::Error(_) => {
-            reset_tcp(&tcp_write);
+            reset_tcp(&tcp);
             let _ = send.reset(codes.tcp_reset);
             let _ = recv.stop(codes.tcp_reset);
         }
@@ -168,8 +170,8 @@ pub async fn pump(
 }
 
 /// Makes the socket send RST instead of FIN when it closes.
-fn reset_tcp(half: &OwnedWriteHalf) {
-    let socket = socket2::SockRef::from(half.as_ref());
+fn reset_tcp(tcp: &TcpStream) {
+    let socket = socket2::SockRef::from(tcp);
     if let Err(e) = socket.set_linger(Some(std::time::Duration::ZERO)) {
         tracing::debug!(error = %e, "cannot set SO_LINGER 0 on a tunnel socket");
     }

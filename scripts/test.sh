@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Runs the ztgate test suite, the one test command for developers and CI (.ci/run).
+#
+# Usage: bash scripts/test.sh [ARGS...]
+#
+# Installs the Debian packages that the tests call and that are missing (openssl for
+# scripts/dev-pki.sh, curl, python3 and iperf3), which needs root and apt-get. Then it
+# builds every target in release mode and runs `cargo test --release --locked ARGS...`,
+# so `bash scripts/test.sh quic -- --nocapture` runs only the tests whose names contain
+# "quic" and shows their output. Exits with cargo's status.
+
+set -Eeuo pipefail
+
+REPO=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd -P)
+readonly REPO
+
+fail() {
+    printf 'test.sh: %s\n' "$*" >&2
+    exit 1
+}
+
+# Installs the Debian packages that provide missing commands, with one apt-get update.
+install_missing_packages() {
+    local -a missing=()
+    local command
+    for command in openssl curl python3 iperf3; do
+        command -v "$command" >/dev/null || missing+=("$command")
+    done
+    # cargo fetches crates over HTTPS and needs the system CA bundle.
+    [[ -e /etc/ssl/certs/ca-certificates.crt ]] || missing+=(ca-certificates)
+    # The ring crate compiles C and assembly, and rustc links with cc.
+    command -v cc >/dev/null || missing+=(gcc libc6-dev)
+    ((${#missing[@]} > 0)) || return 0
+    command -v apt-get >/dev/null ||
+        fail "missing packages: ${missing[*]}; this script installs them only with apt-get (Debian, Ubuntu)"
+    ((EUID == 0)) ||
+        fail "missing packages: ${missing[*]}; run this script as root or run: sudo apt-get install ${missing[*]}"
+    printf 'test.sh: installing %s\n' "${missing[*]}"
+    apt-get update -q
+    # noninteractive keeps iperf3's debconf question (start a daemon?) at its default, no.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+}
+
+main() {
+    install_missing_packages
+    if ! command -v cargo >/dev/null && [[ -x $HOME/.cargo/bin/cargo ]]; then
+        PATH=$HOME/.cargo/bin:$PATH
+    fi
+    command -v cargo >/dev/null ||
+        fail "cargo not found; install Rust 1.80 or later with rustup (https://rustup.rs)"
+    cd -- "$REPO"
+    cargo build --release --locked --all-targets
+    cargo test --release --locked "$@"
+}
+
+main "$@"
