@@ -1,0 +1,176 @@
+//! The binaries as an operator runs them: `ztgate serve` and `ztgate
+//! connect` as processes, a real HTTP server behind the gateway, and curl.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Kills the child when the test ends, whatever happens.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Running {
+    /// Starts `command` and forwards the lines of stdout or stderr.
+    fn spawn(mut command: Command, from_stderr: bool) -> Running {
+        command.stdin(Stdio::null());
+        if from_stderr {
+            command.stderr(Stdio::piped()).stdout(Stdio::null());
+        } else {
+            command.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        }
+        let mut child = command.spawn().expect("spawn");
+        let pipe: Box<dyn std::io::Read + Send> = if from_stderr {
+            Box::new(child.stderr.take().expect("stderr"))
+        } else {
+            Box::new(child.stdout.take().expect("stdout"))
+        };
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Running { child, lines }
+    }
+
+    /// Waits (bounded) for a line containing `marker` and returns the text after it.
+    fn wait_for(&self, marker: &str, limit: Duration) -> String {
+        let deadline = std::time::Instant::now() + limit;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(pos) = line.find(marker) {
+                        return line[pos + marker.len()..].trim().to_string();
+                    }
+                    seen.push(line);
+                }
+                Err(_) => break,
+            }
+        }
+        panic!("no line with {marker:?} within {limit:?}; saw: {seen:#?}");
+    }
+}
+
+fn connect_command(gateway: &str, device: &str) -> Command {
+    let pki = pki();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ztgate"));
+    command
+        .args(["connect", "--gateway", gateway, "--app", WIKI, "--listen", "127.0.0.1:0"])
+        .arg("--cert")
+        .arg(pki.join(format!("{device}-chain.pem")))
+        .arg("--key")
+        .arg(pki.join(format!("{device}.key")))
+        .arg("--ca")
+        .arg(pki.join("root-ca.pem"));
+    command
+}
+
+#[test]
+fn curl_fetches_a_page_through_ztgate_connect() {
+    let site = tempfile::tempdir().expect("site dir");
+    std::fs::write(site.path().join("index.html"), "<h1>ztgate test page 4711</h1>\n").expect("page");
+    let mut http = Command::new("python3");
+    http.args(["-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "-d"])
+        .arg(site.path());
+    let http = Running::spawn(http, false);
+    let serving = http.wait_for("Serving HTTP on 127.0.0.1 port ", Duration::from_secs(20));
+    let port: u16 = serving
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("http.server port");
+
+    let (_dir, config) = write_config(
+        "127.0.0.1:0",
+        &[App::wiki(format!("127.0.0.1:{port}").parse().expect("addr"))],
+        "",
+    );
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_ztgate"));
+    serve.arg("serve").arg("--config").arg(&config);
+    let serve = Running::spawn(serve, false);
+    let gateway = serve.wait_for("ztgate: listening quic ", Duration::from_secs(20));
+
+    let client = Running::spawn(connect_command(&gateway, "DEV-0001"), true);
+    let local = client.wait_for("listening on ", Duration::from_secs(20));
+
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .arg(format!("http://{local}/index.html"))
+        .output()
+        .expect("run curl");
+    assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "<h1>ztgate test page 4711</h1>\n");
+}
+
+#[test]
+fn connect_prints_a_plain_refusal_and_stops() {
+    let upstream: std::net::SocketAddr = "127.0.0.1:9".parse().expect("addr");
+    let (_dir, config) = write_config("127.0.0.1:0", &[App::wiki(upstream)], "");
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_ztgate"));
+    serve.arg("serve").arg("--config").arg(&config);
+    let serve = Running::spawn(serve, false);
+    let gateway = serve.wait_for("ztgate: listening quic ", Duration::from_secs(20));
+
+    for (device, sentence) in [
+        ("DEV-ROGUE", "not issued by a CA the gateway trusts (unknown_ca)"),
+        ("DEV-0003", "Access policy does not allow this device to reach the application."),
+    ] {
+        let mut command = connect_command(&gateway, device);
+        command.stdin(Stdio::null());
+        let child = command.stderr(Stdio::piped()).stdout(Stdio::null()).spawn().expect("spawn");
+        let out = wait_with_limit(child, Duration::from_secs(30));
+        assert!(!out.status.success(), "{device}: connect must fail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(sentence), "{device}: {stderr}");
+        assert!(!stderr.contains("reconnecting"), "{device}: a refusal is final: {stderr}");
+    }
+}
+
+fn wait_with_limit(mut child: Child, limit: Duration) -> std::process::Output {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match child.try_wait().expect("wait") {
+            Some(_) => return child.wait_with_output().expect("output"),
+            None if std::time::Instant::now() > deadline => {
+                let _ = child.kill();
+                panic!("process did not exit within {limit:?}");
+            }
+            None => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+#[test]
+fn connect_rejects_non_loopback_listen() {
+    let pki = pki();
+    let out = Command::new(env!("CARGO_BIN_EXE_ztgate"))
+        .args(["connect", "--gateway", "127.0.0.1:9", "--app", WIKI, "--listen", "0.0.0.0:0"])
+        .arg("--cert")
+        .arg(pki.join("DEV-0001-chain.pem"))
+        .arg("--key")
+        .arg(pki.join("DEV-0001.key"))
+        .arg("--ca")
+        .arg(pki.join("root-ca.pem"))
+        .output()
+        .expect("run connect");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is not a loopback address"), "{stderr}");
+    assert!(stderr.contains("--allow-non-loopback"), "{stderr}");
+}

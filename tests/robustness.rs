@@ -1,0 +1,192 @@
+//! Bad input and stalled peers: junk datagrams, truncated Initial packets,
+//! handshakes that never finish, broken configs and key files.
+
+mod common;
+
+use common::*;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::net::UdpSocket;
+
+/// Relays a client's datagrams to the gateway and drops every answer, so the
+/// gateway sees a handshake start and never finish. Returns the relay
+/// address and a receiver for the first datagram the client sent.
+async fn black_hole_relay(gateway: SocketAddr) -> (SocketAddr, tokio::sync::oneshot::Receiver<Vec<u8>>) {
+    let front = UdpSocket::bind("127.0.0.1:0").await.expect("bind relay");
+    let back = UdpSocket::bind("127.0.0.1:0").await.expect("bind relay back");
+    let addr = front.local_addr().expect("addr");
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut first_tx = Some(first_tx);
+        let mut buf = vec![0u8; 65536];
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(30) {
+            let received = tokio::time::timeout(Duration::from_secs(1), front.recv_from(&mut buf)).await;
+            let Ok(Ok((n, _))) = received else { continue };
+            if let Some(tx) = first_tx.take() {
+                let _ = tx.send(buf[..n].to_vec());
+            }
+            let _ = back.send_to(&buf[..n], gateway).await;
+        }
+    });
+    (addr, first_rx)
+}
+
+#[tokio::test]
+async fn stalled_handshake_is_dropped_at_deadline() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let gw = TestGateway::start("127.0.0.1:0", &[App::wiki(upstream)], "").await;
+    // Shorten the handshake deadline for this test.
+    let text = std::fs::read_to_string(&gw.config).expect("config");
+    std::fs::write(&gw.config, text.replace("handshake_timeout_ms = 3000", "handshake_timeout_ms = 800")).expect("write");
+    gw.gateway.reload().await.expect("reload");
+    let (relay, _first) = black_hole_relay(gw.addr()).await;
+    let client = device_client(relay, "DEV-0001", WIKI);
+    let attempt = tokio::spawn(async move { client.connect(Duration::from_secs(5)).await.is_ok() });
+    let stats = &gw.gateway.shared().stats;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stats.handshake_timeouts.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stats.handshake_timeouts.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.pending_handshakes.load(Ordering::Relaxed), 0);
+    assert_eq!(gw.gateway.shared().registry.connection_count(), 0, "the source slot is released");
+    assert!(!attempt.await.expect("client task"), "the stalled client is never admitted");
+}
+
+#[tokio::test]
+async fn junk_datagrams_do_not_disturb_a_live_tunnel() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let gw = TestGateway::start("127.0.0.1:0", &[App::wiki(upstream)], "").await;
+    let (_client, tunnel) = connect(gw.addr(), "DEV-0001", WIKI).await;
+    let (mut send, mut recv) = tunnel.open_stream().await.expect("open");
+    send.write_all(b"before").await.expect("write");
+    let mut buf = [0u8; 6];
+    recv.read_exact(&mut buf).await.expect("echo before");
+
+    // Capture a genuine Initial packet through a relay that drops answers.
+    let (relay, first) = black_hole_relay(gw.addr()).await;
+    let probe = device_client(relay, "DEV-0002", WIKI);
+    let probe_task = tokio::spawn(async move { probe.connect(Duration::from_secs(2)).await.is_ok() });
+    let initial = tokio::time::timeout(Duration::from_secs(5), first)
+        .await
+        .expect("initial captured")
+        .expect("initial");
+    assert!(initial.len() >= 1200, "client Initial datagrams are padded to 1200 bytes");
+
+    let attacker = UdpSocket::bind("127.0.0.1:0").await.expect("bind attacker");
+    let mut rng_state: u32 = 0x1234_5678;
+    let mut next = || {
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 17;
+        rng_state ^= rng_state << 5;
+        rng_state
+    };
+    for i in 0..500usize {
+        let datagram: Vec<u8> = match i % 3 {
+            0 => (0..(next() % 1500) as usize).map(|_| next() as u8).collect(),
+            1 => initial[..(next() as usize % initial.len())].to_vec(),
+            _ => {
+                let mut corrupted = initial.clone();
+                let at = next() as usize % corrupted.len();
+                corrupted[at] ^= 0xff;
+                corrupted
+            }
+        };
+        attacker.send_to(&datagram, gw.addr()).await.expect("send junk");
+    }
+    assert!(!probe_task.await.expect("probe"), "the black-holed probe is never admitted");
+
+    send.write_all(b"after!").await.expect("write after junk");
+    recv.read_exact(&mut buf).await.expect("echo after junk");
+    assert_eq!(&buf, b"after!");
+    assert!(tunnel.connection.close_reason().is_none());
+    assert_eq!(gw.gateway.shared().registry.session_count(), 1);
+}
+
+#[test]
+fn malformed_config_names_each_key() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("bad.toml");
+    let pki = pki();
+    std::fs::write(
+        &path,
+        format!(
+            r#"[gateway]
+listen = ["127.0.0.1:notaport"]
+certificate = "{pki}/gateway-chain.pem"
+private_key = "{pki}/gateway.key"
+tls_versoin = "1.3"
+
+[[device_ca]]
+name = "dev-devices"
+certificates = ["{pki}/device-ca.pem"]
+
+[[application]]
+name = "wiki"
+server_name = "wiki.elsewhere.test"
+upstream = "127.0.0.1"
+[application.access]
+device_cas = ["nope"]
+allow_any_device = true
+"#,
+            pki = pki.display()
+        ),
+    )
+    .expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ztgate"))
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .expect("run check-config");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "gateway.tls_versoin: unknown key",
+        "gateway.listen[0]: invalid listen address",
+        "application[0].server_name: \"wiki.elsewhere.test\" is not covered by the gateway certificate",
+        "application[0].upstream: \"127.0.0.1\" has no port",
+        "application[0].access.device_cas[0]: no [[device_ca]] is named \"nope\"",
+    ] {
+        assert!(stderr.contains(key), "missing {key:?} in:\n{stderr}");
+    }
+    assert!(stderr.contains(&path.display().to_string()), "errors name the file");
+}
+
+#[test]
+fn toml_syntax_error_names_the_line() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[gateway]\nlisten = [\"127.0.0.1:4433\"\n").expect("write");
+    let errors = ztgate::config::load_generation(&path, 1).expect_err("must fail");
+    let text = errors.to_string();
+    assert!(text.contains("invalid TOML"), "{text}");
+    assert!(text.contains("line 2"), "{text}");
+}
+
+#[test]
+fn world_readable_private_key_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("dir");
+    let key = dir.path().join("gateway.key");
+    std::fs::copy(pki().join("gateway.key"), &key).expect("copy key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let (_cfg_dir, path) = write_config("127.0.0.1:0", &[App::wiki("127.0.0.1:9".parse().expect("addr"))], "");
+    let text = std::fs::read_to_string(&path).expect("read");
+    let text = text.replace(
+        &format!("{}/gateway.key", pki().display()),
+        &key.display().to_string(),
+    );
+    std::fs::write(&path, text).expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ztgate"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run serve");
+    assert_eq!(out.status.code(), Some(2), "serve refuses to start");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("gateway.private_key"), "{stderr}");
+    assert!(stderr.contains("mode 0644"), "{stderr}");
+    assert!(stderr.contains(&format!("chmod 600 {}", key.display())), "{stderr}");
+}
