@@ -310,7 +310,7 @@ async fn run_admitted(
     let expires_in = admitted
         .deadline
         .as_ref()
-        .map(|d| d.at.saturating_duration_since(Instant::now()).as_secs());
+        .map(|d| d.at.saturating_duration_since(Instant::now()).as_secs_f64().ceil() as u64);
     let message = ControlMessage::Admitted(AdmittedMsg {
         session_id: guard.entry.id,
         application: admitted.application.name.clone(),

@@ -1,0 +1,152 @@
+//! Live sessions: re-evaluation on reload and on decision expiry, deadlines,
+//! shutdown, and the addresses sessions record.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+use ztgate::client::Ending;
+use ztgate::protocol::Code;
+
+async fn echo_once(tunnel: &ztgate::client::Tunnel, payload: &[u8]) -> Vec<u8> {
+    let (mut send, mut recv) = tunnel.open_stream().await.expect("open");
+    send.write_all(payload).await.expect("write");
+    send.finish().expect("finish");
+    tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1 << 20))
+        .await
+        .expect("echo within 10 s")
+        .expect("read")
+}
+
+async fn ending_within(tunnel: &mut ztgate::client::Tunnel, limit: Duration) -> Ending {
+    tokio::time::timeout(limit, tunnel.ended())
+        .await
+        .expect("the tunnel ends in time")
+}
+
+fn assert_closed_with(ending: &Ending, code: Code) {
+    match ending {
+        Ending::Refused { code: Some(c), message } => {
+            assert_eq!(*c, code, "{message}");
+        }
+        Ending::Transient(message) if code.is_transient() => {
+            assert!(message.starts_with(code.sentence()), "{message}");
+        }
+        other => panic!("expected a close with {code}, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn reload_removing_ca_closes_live_session() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let gw = TestGateway::start("127.0.0.1:0", &[App::wiki(upstream)], "").await;
+    let (_client, mut tunnel) = connect(gw.addr(), "DEV-0001", WIKI).await;
+    assert_eq!(echo_once(&tunnel, b"before").await, b"before");
+    let pki = pki();
+    let text = std::fs::read_to_string(&gw.config).expect("read");
+    std::fs::write(
+        &gw.config,
+        text.replace(
+            &format!("{}/device-ca.pem", pki.display()),
+            &format!("{}/other-ca.pem", pki.display()),
+        ),
+    )
+    .expect("write");
+    gw.gateway.reload().await.expect("reload");
+    let ending = ending_within(&mut tunnel, Duration::from_secs(10)).await;
+    assert_closed_with(&ending, Code::CertificateUntrusted);
+    assert_eq!(gw.gateway.shared().registry.session_count(), 0);
+}
+
+#[tokio::test]
+async fn reload_that_denies_device_closes_its_session_only() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let gw = TestGateway::start("127.0.0.1:0", &[App::wiki(upstream)], "").await;
+    let (_c1, mut first) = connect(gw.addr(), "DEV-0001", WIKI).await;
+    let (_c2, second) = connect(gw.addr(), "DEV-0002", WIKI).await;
+    let mut app = App::wiki(upstream);
+    app.access = r#"device_cas = ["dev-devices"]
+spiffe_prefixes = ["spiffe://example.test/device/DEV-0002"]"#
+        .to_string();
+    rewrite_config(&gw.config, "127.0.0.1:0", &[app], "");
+    gw.gateway.reload().await.expect("reload");
+    let ending = ending_within(&mut first, Duration::from_secs(10)).await;
+    assert_closed_with(&ending, Code::PolicyDenied);
+    assert_eq!(echo_once(&second, b"still allowed").await, b"still allowed");
+}
+
+#[tokio::test]
+async fn reload_adding_application_keeps_tunnels() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let other_upstream = banner_server().await;
+    let gw = TestGateway::start("127.0.0.1:0", &[App::wiki(upstream)], "").await;
+    let (_client, tunnel) = connect(gw.addr(), "DEV-0001", WIKI).await;
+    let mut mail = App::wiki(other_upstream);
+    mail.name = "mail";
+    mail.server_name = "mail.apps.example.test".into();
+    rewrite_config(&gw.config, "127.0.0.1:0", &[App::wiki(upstream), mail], "");
+    gw.gateway.reload().await.expect("reload");
+    assert_eq!(echo_once(&tunnel, b"same tunnel").await, b"same tunnel");
+    let (_c2, mail_tunnel) = connect(gw.addr(), "DEV-0001", "mail.apps.example.test").await;
+    assert_eq!(mail_tunnel.admitted.application, "mail");
+}
+
+#[tokio::test]
+async fn invalid_reload_keeps_serving() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let gw = TestGateway::start("127.0.0.1:0", &[App::wiki(upstream)], "").await;
+    let (_client, tunnel) = connect(gw.addr(), "DEV-0001", WIKI).await;
+    let good = std::fs::read_to_string(&gw.config).expect("read");
+    std::fs::write(&gw.config, good.replace("[[application]]", "[[aplication]]")).expect("write");
+    let errors = gw.gateway.reload().await.expect_err("invalid config rejected");
+    assert!(errors.to_string().contains("aplication"), "{errors}");
+    assert_eq!(gw.gateway.shared().config.current().id, 1, "the old generation stays");
+    assert_eq!(echo_once(&tunnel, b"alive").await, b"alive");
+    let (_c2, _t2) = connect(gw.addr(), "DEV-0002", WIKI).await;
+}
+
+#[tokio::test]
+async fn session_outlives_decision_expiry_and_ends_at_max_length() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let gw = TestGateway::start(
+        "127.0.0.1:0",
+        &[App::wiki(upstream)],
+        "[policy]\ndecision_lifetime_secs = 1\nmax_session_secs = 3\n",
+    )
+    .await;
+    let (_client, mut tunnel) = connect(gw.addr(), "DEV-0001", WIKI).await;
+    assert_eq!(tunnel.admitted.expires_in_secs, Some(1));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(echo_once(&tunnel, b"re-evaluated").await, b"re-evaluated");
+    let started = std::time::Instant::now();
+    let ending = ending_within(&mut tunnel, Duration::from_secs(10)).await;
+    assert_closed_with(&ending, Code::SessionExpired);
+    assert!(started.elapsed() < Duration::from_secs(3), "closed at the 3 s maximum");
+}
+
+#[tokio::test]
+async fn shutdown_sends_going_away() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let gw = TestGateway::start("127.0.0.1:0", &[App::wiki(upstream)], "").await;
+    let (_client, mut tunnel) = connect(gw.addr(), "DEV-0001", WIKI).await;
+    let TestGateway { gateway, dir: _dir, .. } = gw;
+    let stop = tokio::spawn(gateway.shutdown());
+    let ending = ending_within(&mut tunnel, Duration::from_secs(10)).await;
+    assert_closed_with(&ending, Code::GoingAway);
+    stop.await.expect("shutdown completes");
+}
+
+#[tokio::test]
+async fn dual_stack_listener_records_canonical_ipv4() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let gw = TestGateway::start("[::]:0", &[App::wiki(upstream)], "").await;
+    let port = gw.addr().port();
+    let target: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let (_client, tunnel) = connect(target, "DEV-0001", WIKI).await;
+    let sessions = gw.gateway.shared().registry.all();
+    assert_eq!(sessions.len(), 1);
+    let client = *sessions[0].client.lock().expect("lock");
+    assert!(client.is_ipv4(), "recorded {client}, expected an IPv4 address");
+    assert_eq!(client.ip().to_string(), "127.0.0.1");
+    assert_eq!(echo_once(&tunnel, b"v4").await, b"v4");
+}
