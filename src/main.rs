@@ -10,7 +10,11 @@ use ztgate::config::ConfigHandle;
 use ztgate::gateway::Gateway;
 
 #[derive(Parser)]
-#[command(name = "ztgate", version, about = "Zero-trust network access gateway: one mutual-TLS tunnel per application")]
+#[command(
+    name = "ztgate",
+    version,
+    about = "Zero-trust network access gateway: one mutual-TLS tunnel per application"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -141,7 +145,11 @@ fn serve(config: PathBuf) -> ExitCode {
         Ok(h) => h.current(),
         Err(errors) => {
             eprintln!("{errors}");
-            eprintln!("ztgate serve: {} error(s) in {}; not starting", errors.0.len(), config.display());
+            eprintln!(
+                "ztgate serve: {} error(s) in {}; not starting",
+                errors.0.len(),
+                config.display()
+            );
             return ExitCode::from(2);
         }
     };

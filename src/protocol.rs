@@ -107,7 +107,9 @@ impl Code {
     }
 
     pub fn from_value(value: u64) -> Option<Code> {
-        Code::ALL.into_iter().find(|c| u64::from(c.value()) == value)
+        Code::ALL
+            .into_iter()
+            .find(|c| u64::from(c.value()) == value)
     }
 
     /// Short stable name, as used in logs and metrics labels.

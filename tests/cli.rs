@@ -71,7 +71,15 @@ fn connect_command(gateway: &str, device: &str) -> Command {
     let pki = pki();
     let mut command = Command::new(env!("CARGO_BIN_EXE_ztgate"));
     command
-        .args(["connect", "--gateway", gateway, "--app", WIKI, "--listen", "127.0.0.1:0"])
+        .args([
+            "connect",
+            "--gateway",
+            gateway,
+            "--app",
+            WIKI,
+            "--listen",
+            "127.0.0.1:0",
+        ])
         .arg("--cert")
         .arg(pki.join(format!("{device}-chain.pem")))
         .arg("--key")
@@ -84,7 +92,11 @@ fn connect_command(gateway: &str, device: &str) -> Command {
 #[test]
 fn curl_fetches_a_page_through_ztgate_connect() {
     let site = tempfile::tempdir().expect("site dir");
-    std::fs::write(site.path().join("index.html"), "<h1>ztgate test page 4711</h1>\n").expect("page");
+    std::fs::write(
+        site.path().join("index.html"),
+        "<h1>ztgate test page 4711</h1>\n",
+    )
+    .expect("page");
     let mut http = Command::new("python3");
     http.args(["-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "-d"])
         .arg(site.path());
@@ -98,7 +110,9 @@ fn curl_fetches_a_page_through_ztgate_connect() {
 
     let (_dir, config) = write_config(
         "127.0.0.1:0",
-        &[App::wiki(format!("127.0.0.1:{port}").parse().expect("addr"))],
+        &[App::wiki(
+            format!("127.0.0.1:{port}").parse().expect("addr"),
+        )],
         "",
     );
     let mut serve = Command::new(env!("CARGO_BIN_EXE_ztgate"));
@@ -114,8 +128,15 @@ fn curl_fetches_a_page_through_ztgate_connect() {
         .arg(format!("http://{local}/index.html"))
         .output()
         .expect("run curl");
-    assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "<h1>ztgate test page 4711</h1>\n");
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "<h1>ztgate test page 4711</h1>\n"
+    );
 }
 
 #[test]
@@ -128,17 +149,30 @@ fn connect_prints_a_plain_refusal_and_stops() {
     let gateway = serve.wait_for("ztgate: listening quic ", Duration::from_secs(20));
 
     for (device, sentence) in [
-        ("DEV-ROGUE", "not issued by a CA the gateway trusts (unknown_ca)"),
-        ("DEV-0003", "Access policy does not allow this device to reach the application."),
+        (
+            "DEV-ROGUE",
+            "not issued by a CA the gateway trusts (unknown_ca)",
+        ),
+        (
+            "DEV-0003",
+            "Access policy does not allow this device to reach the application.",
+        ),
     ] {
         let mut command = connect_command(&gateway, device);
         command.stdin(Stdio::null());
-        let child = command.stderr(Stdio::piped()).stdout(Stdio::null()).spawn().expect("spawn");
+        let child = command
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn");
         let out = wait_with_limit(child, Duration::from_secs(30));
         assert!(!out.status.success(), "{device}: connect must fail");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(sentence), "{device}: {stderr}");
-        assert!(!stderr.contains("reconnecting"), "{device}: a refusal is final: {stderr}");
+        assert!(
+            !stderr.contains("reconnecting"),
+            "{device}: a refusal is final: {stderr}"
+        );
     }
 }
 
@@ -160,7 +194,15 @@ fn wait_with_limit(mut child: Child, limit: Duration) -> std::process::Output {
 fn connect_rejects_non_loopback_listen() {
     let pki = pki();
     let out = Command::new(env!("CARGO_BIN_EXE_ztgate"))
-        .args(["connect", "--gateway", "127.0.0.1:9", "--app", WIKI, "--listen", "0.0.0.0:0"])
+        .args([
+            "connect",
+            "--gateway",
+            "127.0.0.1:9",
+            "--app",
+            WIKI,
+            "--listen",
+            "0.0.0.0:0",
+        ])
         .arg("--cert")
         .arg(pki.join("DEV-0001-chain.pem"))
         .arg("--key")

@@ -15,7 +15,10 @@ async fn echo_round_trip(gateway_bind: &str, upstream_bind: &str) {
     let gw = TestGateway::start(gateway_bind, &[App::wiki(upstream)], "").await;
     let (_client, tunnel) = connect(gw.addr(), "DEV-0001", WIKI).await;
     assert_eq!(tunnel.admitted.application, "wiki");
-    assert_eq!(tunnel.admitted.device_id, "spiffe://example.test/device/DEV-0001");
+    assert_eq!(
+        tunnel.admitted.device_id,
+        "spiffe://example.test/device/DEV-0001"
+    );
 
     let (mut send, mut recv) = tunnel.open_stream().await.expect("open stream");
     let data = pattern(8 * 1024 * 1024, 7);
@@ -24,10 +27,11 @@ async fn echo_round_trip(gateway_bind: &str, upstream_bind: &str) {
         send.write_all(&data).await.expect("write");
         send.finish().expect("finish");
     });
-    let received = tokio::time::timeout(Duration::from_secs(60), recv.read_to_end(64 * 1024 * 1024))
-        .await
-        .expect("echo within 60 s")
-        .expect("read to end");
+    let received =
+        tokio::time::timeout(Duration::from_secs(60), recv.read_to_end(64 * 1024 * 1024))
+            .await
+            .expect("echo within 60 s")
+            .expect("read to end");
     writer.await.expect("writer");
     assert_eq!(received.len(), expected.len());
     assert!(received == expected, "echoed bytes differ");
@@ -55,7 +59,9 @@ async fn half_close_from_upstream_keeps_client_direction_open() {
         tcp.write_all(b"hello").await.expect("greet");
         tcp.shutdown().await.expect("half-close");
         let mut rest = Vec::new();
-        tcp.read_to_end(&mut rest).await.expect("read after half-close");
+        tcp.read_to_end(&mut rest)
+            .await
+            .expect("read after half-close");
         let _ = count_tx.send(rest);
     });
     let gw = TestGateway::start("127.0.0.1:0", &[App::wiki(upstream)], "").await;
@@ -63,7 +69,9 @@ async fn half_close_from_upstream_keeps_client_direction_open() {
     let (mut send, mut recv) = tunnel.open_stream().await.expect("open");
     let greeting = recv.read_to_end(1024).await.expect("greeting then FIN");
     assert_eq!(greeting, b"hello");
-    send.write_all(b"still talking").await.expect("write after peer FIN");
+    send.write_all(b"still talking")
+        .await
+        .expect("write after peer FIN");
     send.finish().expect("finish");
     let rest = tokio::time::timeout(Duration::from_secs(10), count_rx)
         .await
@@ -193,12 +201,17 @@ async fn server_speaks_first_upstream_works() {
 
 fn assert_handshake_refusal(ending: &Ending, alert_name: &str) {
     match ending {
-        Ending::Refused { code: None, message } => {
+        Ending::Refused {
+            code: None,
+            message,
+        } => {
             assert!(
                 message.contains(alert_name),
                 "expected TLS alert {alert_name}, got: {message}"
             );
-            assert!(message.starts_with("The gateway refused the connection during the TLS handshake"));
+            assert!(
+                message.starts_with("The gateway refused the connection during the TLS handshake")
+            );
         }
         other => panic!("expected a handshake refusal with {alert_name}, got {other:?}"),
     }
@@ -227,7 +240,9 @@ async fn missing_client_certificate_is_refused() {
     let gw = TestGateway::start("127.0.0.1:0", &[App::wiki(upstream)], "").await;
     let pki = pki();
     let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::pem::PemObject::pem_file_iter(pki.join("root-ca.pem")).expect("ca") {
+    for cert in
+        rustls::pki_types::pem::PemObject::pem_file_iter(pki.join("root-ca.pem")).expect("ca")
+    {
         roots.add(cert.expect("pem")).expect("add root");
     }
     ztgate::install_crypto_provider();
@@ -239,8 +254,13 @@ async fn missing_client_certificate_is_refused() {
     .with_root_certificates(roots)
     .with_no_client_auth();
     tls.alpn_protocols = vec![ztgate::protocol::ALPN.to_vec()];
-    let client = ztgate::client::Client::new(tls, gw.addr(), WIKI, Some("127.0.0.1:0".parse().expect("addr")))
-        .expect("client");
+    let client = ztgate::client::Client::new(
+        tls,
+        gw.addr(),
+        WIKI,
+        Some("127.0.0.1:0".parse().expect("addr")),
+    )
+    .expect("client");
     let ending = match client.connect(Duration::from_secs(10)).await {
         Ok(_) => panic!("a client without a certificate must not be admitted"),
         Err(e) => e,
@@ -250,9 +270,15 @@ async fn missing_client_certificate_is_refused() {
 
 fn assert_code(ending: &Ending, expected: Code) {
     match ending {
-        Ending::Refused { code: Some(code), message } => {
+        Ending::Refused {
+            code: Some(code),
+            message,
+        } => {
             assert_eq!(*code, expected, "message: {message}");
-            assert!(message.starts_with(expected.sentence()), "message: {message}");
+            assert!(
+                message.starts_with(expected.sentence()),
+                "message: {message}"
+            );
         }
         other => panic!("expected refusal with {expected}, got {other:?}"),
     }
@@ -267,10 +293,18 @@ async fn refusals_after_handshake_carry_codes() {
     // DEV-0003 has no hardware-bound mark and the wiki requires one.
     let denied = refusal(gw.addr(), "DEV-0003", WIKI).await;
     assert_code(&denied, Code::PolicyDenied);
-    assert!(denied.message().contains("hardware-bound"), "{}", denied.message());
+    assert!(
+        denied.message().contains("hardware-bound"),
+        "{}",
+        denied.message()
+    );
     let bad_identity = refusal(gw.addr(), "DEV-BADID", WIKI).await;
     assert_code(&bad_identity, Code::InvalidIdentity);
-    assert!(bad_identity.message().contains("permanentIdentifier"), "{}", bad_identity.message());
+    assert!(
+        bad_identity.message().contains("permanentIdentifier"),
+        "{}",
+        bad_identity.message()
+    );
     assert_eq!(gw.gateway.shared().registry.session_count(), 0);
 }
 
@@ -279,7 +313,10 @@ async fn resumption_after_ca_removal_is_refused() {
     let upstream = echo_server("127.0.0.1:0").await;
     let gw = TestGateway::start("127.0.0.1:0", &[App::wiki(upstream)], "").await;
     let client = device_client(gw.addr(), "DEV-0001", WIKI);
-    let first = client.connect(Duration::from_secs(10)).await.expect("first connection admitted");
+    let first = client
+        .connect(Duration::from_secs(10))
+        .await
+        .expect("first connection admitted");
     // Let the session tickets arrive, then close.
     let (mut send, mut recv) = first.open_stream().await.expect("open");
     send.write_all(b"x").await.expect("write");
@@ -329,14 +366,26 @@ async fn unreachable_upstream_resets_only_that_stream() {
     let (_dead_send, mut dead_recv) = tunnel.open_stream().await.expect("open second");
     match tokio::time::timeout(Duration::from_secs(10), dead_recv.read_to_end(16)).await {
         Ok(Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code)))) => {
-            assert_eq!(code.into_inner(), u64::from(Code::UpstreamUnreachable.value()));
+            assert_eq!(
+                code.into_inner(),
+                u64::from(Code::UpstreamUnreachable.value())
+            );
         }
         other => panic!("expected upstream-unreachable reset, got {other:?}"),
     }
-    live_send.write_all(b"two").await.expect("live stream still writable");
-    live_recv.read_exact(&mut buf).await.expect("live stream still echoes");
+    live_send
+        .write_all(b"two")
+        .await
+        .expect("live stream still writable");
+    live_recv
+        .read_exact(&mut buf)
+        .await
+        .expect("live stream still echoes");
     assert_eq!(&buf, b"two");
-    assert!(tunnel.connection.close_reason().is_none(), "connection must stay open");
+    assert!(
+        tunnel.connection.close_reason().is_none(),
+        "connection must stay open"
+    );
 }
 
 #[tokio::test]
@@ -380,6 +429,9 @@ async fn stream_limit_is_enforced_by_flow_control() {
     send.finish().expect("finish");
     recv.read_to_end(16).await.expect("end");
     let fifth = tokio::time::timeout(Duration::from_secs(10), tunnel.open_stream()).await;
-    assert!(matches!(fifth, Ok(Ok(_))), "the fifth stream opens once credit returns");
+    assert!(
+        matches!(fifth, Ok(Ok(_))),
+        "the fifth stream opens once credit returns"
+    );
     assert!(tunnel.connection.close_reason().is_none());
 }

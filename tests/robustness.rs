@@ -12,9 +12,13 @@ use tokio::net::UdpSocket;
 /// Relays a client's datagrams to the gateway and drops every answer, so the
 /// gateway sees a handshake start and never finish. Returns the relay
 /// address and a receiver for the first datagram the client sent.
-async fn black_hole_relay(gateway: SocketAddr) -> (SocketAddr, tokio::sync::oneshot::Receiver<Vec<u8>>) {
+async fn black_hole_relay(
+    gateway: SocketAddr,
+) -> (SocketAddr, tokio::sync::oneshot::Receiver<Vec<u8>>) {
     let front = UdpSocket::bind("127.0.0.1:0").await.expect("bind relay");
-    let back = UdpSocket::bind("127.0.0.1:0").await.expect("bind relay back");
+    let back = UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind relay back");
     let addr = front.local_addr().expect("addr");
     let (first_tx, first_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
@@ -22,7 +26,8 @@ async fn black_hole_relay(gateway: SocketAddr) -> (SocketAddr, tokio::sync::ones
         let mut buf = vec![0u8; 65536];
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(30) {
-            let received = tokio::time::timeout(Duration::from_secs(1), front.recv_from(&mut buf)).await;
+            let received =
+                tokio::time::timeout(Duration::from_secs(1), front.recv_from(&mut buf)).await;
             let Ok(Ok((n, _))) = received else { continue };
             if let Some(tx) = first_tx.take() {
                 let _ = tx.send(buf[..n].to_vec());
@@ -39,7 +44,11 @@ async fn stalled_handshake_is_dropped_at_deadline() {
     let gw = TestGateway::start("127.0.0.1:0", &[App::wiki(upstream)], "").await;
     // Shorten the handshake deadline for this test.
     let text = std::fs::read_to_string(&gw.config).expect("config");
-    std::fs::write(&gw.config, text.replace("handshake_timeout_ms = 3000", "handshake_timeout_ms = 800")).expect("write");
+    std::fs::write(
+        &gw.config,
+        text.replace("handshake_timeout_ms = 3000", "handshake_timeout_ms = 800"),
+    )
+    .expect("write");
     gw.gateway.reload().await.expect("reload");
     let (relay, _first) = black_hole_relay(gw.addr()).await;
     let client = device_client(relay, "DEV-0001", WIKI);
@@ -51,8 +60,15 @@ async fn stalled_handshake_is_dropped_at_deadline() {
     }
     assert_eq!(stats.handshake_timeouts.load(Ordering::Relaxed), 1);
     assert_eq!(stats.pending_handshakes.load(Ordering::Relaxed), 0);
-    assert_eq!(gw.gateway.shared().registry.connection_count(), 0, "the source slot is released");
-    assert!(!attempt.await.expect("client task"), "the stalled client is never admitted");
+    assert_eq!(
+        gw.gateway.shared().registry.connection_count(),
+        0,
+        "the source slot is released"
+    );
+    assert!(
+        !attempt.await.expect("client task"),
+        "the stalled client is never admitted"
+    );
 }
 
 #[tokio::test]
@@ -68,12 +84,16 @@ async fn junk_datagrams_do_not_disturb_a_live_tunnel() {
     // Capture a genuine Initial packet through a relay that drops answers.
     let (relay, first) = black_hole_relay(gw.addr()).await;
     let probe = device_client(relay, "DEV-0002", WIKI);
-    let probe_task = tokio::spawn(async move { probe.connect(Duration::from_secs(2)).await.is_ok() });
+    let probe_task =
+        tokio::spawn(async move { probe.connect(Duration::from_secs(2)).await.is_ok() });
     let initial = tokio::time::timeout(Duration::from_secs(5), first)
         .await
         .expect("initial captured")
         .expect("initial");
-    assert!(initial.len() >= 1200, "client Initial datagrams are padded to 1200 bytes");
+    assert!(
+        initial.len() >= 1200,
+        "client Initial datagrams are padded to 1200 bytes"
+    );
 
     let attacker = UdpSocket::bind("127.0.0.1:0").await.expect("bind attacker");
     let mut rng_state: u32 = 0x1234_5678;
@@ -85,7 +105,9 @@ async fn junk_datagrams_do_not_disturb_a_live_tunnel() {
     };
     for i in 0..500usize {
         let datagram: Vec<u8> = match i % 3 {
-            0 => (0..(next() % 1500) as usize).map(|_| next() as u8).collect(),
+            0 => (0..(next() % 1500) as usize)
+                .map(|_| next() as u8)
+                .collect(),
             1 => initial[..(next() as usize % initial.len())].to_vec(),
             _ => {
                 let mut corrupted = initial.clone();
@@ -94,9 +116,15 @@ async fn junk_datagrams_do_not_disturb_a_live_tunnel() {
                 corrupted
             }
         };
-        attacker.send_to(&datagram, gw.addr()).await.expect("send junk");
+        attacker
+            .send_to(&datagram, gw.addr())
+            .await
+            .expect("send junk");
     }
-    assert!(!probe_task.await.expect("probe"), "the black-holed probe is never admitted");
+    assert!(
+        !probe_task.await.expect("probe"),
+        "the black-holed probe is never admitted"
+    );
 
     send.write_all(b"after!").await.expect("write after junk");
     recv.read_exact(&mut buf).await.expect("echo after junk");
@@ -151,7 +179,10 @@ allow_any_device = true
     ] {
         assert!(stderr.contains(key), "missing {key:?} in:\n{stderr}");
     }
-    assert!(stderr.contains(&path.display().to_string()), "errors name the file");
+    assert!(
+        stderr.contains(&path.display().to_string()),
+        "errors name the file"
+    );
 }
 
 #[test]
@@ -172,7 +203,11 @@ fn world_readable_private_key_is_refused() {
     let key = dir.path().join("gateway.key");
     std::fs::copy(pki().join("gateway.key"), &key).expect("copy key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-    let (_cfg_dir, path) = write_config("127.0.0.1:0", &[App::wiki("127.0.0.1:9".parse().expect("addr"))], "");
+    let (_cfg_dir, path) = write_config(
+        "127.0.0.1:0",
+        &[App::wiki("127.0.0.1:9".parse().expect("addr"))],
+        "",
+    );
     let text = std::fs::read_to_string(&path).expect("read");
     let text = text.replace(
         &format!("{}/gateway.key", pki().display()),
@@ -188,5 +223,8 @@ fn world_readable_private_key_is_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("gateway.private_key"), "{stderr}");
     assert!(stderr.contains("mode 0644"), "{stderr}");
-    assert!(stderr.contains(&format!("chmod 600 {}", key.display())), "{stderr}");
+    assert!(
+        stderr.contains(&format!("chmod 600 {}", key.display())),
+        "{stderr}"
+    );
 }

@@ -26,7 +26,10 @@ async fn ending_within(tunnel: &mut ztgate::client::Tunnel, limit: Duration) -> 
 
 fn assert_closed_with(ending: &Ending, code: Code) {
     match ending {
-        Ending::Refused { code: Some(c), message } => {
+        Ending::Refused {
+            code: Some(c),
+            message,
+        } => {
             assert_eq!(*c, code, "{message}");
         }
         Ending::Transient(message) if code.is_transient() => {
@@ -97,10 +100,22 @@ async fn invalid_reload_keeps_serving() {
     let gw = TestGateway::start("127.0.0.1:0", &[App::wiki(upstream)], "").await;
     let (_client, tunnel) = connect(gw.addr(), "DEV-0001", WIKI).await;
     let good = std::fs::read_to_string(&gw.config).expect("read");
-    std::fs::write(&gw.config, good.replace("[[application]]", "[[aplication]]")).expect("write");
-    let errors = gw.gateway.reload().await.expect_err("invalid config rejected");
+    std::fs::write(
+        &gw.config,
+        good.replace("[[application]]", "[[aplication]]"),
+    )
+    .expect("write");
+    let errors = gw
+        .gateway
+        .reload()
+        .await
+        .expect_err("invalid config rejected");
     assert!(errors.to_string().contains("aplication"), "{errors}");
-    assert_eq!(gw.gateway.shared().config.current().id, 1, "the old generation stays");
+    assert_eq!(
+        gw.gateway.shared().config.current().id,
+        1,
+        "the old generation stays"
+    );
     assert_eq!(echo_once(&tunnel, b"alive").await, b"alive");
     let (_c2, _t2) = connect(gw.addr(), "DEV-0002", WIKI).await;
 }
@@ -121,7 +136,10 @@ async fn session_outlives_decision_expiry_and_ends_at_max_length() {
     let started = std::time::Instant::now();
     let ending = ending_within(&mut tunnel, Duration::from_secs(10)).await;
     assert_closed_with(&ending, Code::SessionExpired);
-    assert!(started.elapsed() < Duration::from_secs(3), "closed at the 3 s maximum");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "closed at the 3 s maximum"
+    );
 }
 
 #[tokio::test]
@@ -129,7 +147,9 @@ async fn shutdown_sends_going_away() {
     let upstream = echo_server("127.0.0.1:0").await;
     let gw = TestGateway::start("127.0.0.1:0", &[App::wiki(upstream)], "").await;
     let (_client, mut tunnel) = connect(gw.addr(), "DEV-0001", WIKI).await;
-    let TestGateway { gateway, dir: _dir, .. } = gw;
+    let TestGateway {
+        gateway, dir: _dir, ..
+    } = gw;
     let stop = tokio::spawn(gateway.shutdown());
     let ending = ending_within(&mut tunnel, Duration::from_secs(10)).await;
     assert_closed_with(&ending, Code::GoingAway);
@@ -146,7 +166,10 @@ async fn dual_stack_listener_records_canonical_ipv4() {
     let sessions = gw.gateway.shared().registry.all();
     assert_eq!(sessions.len(), 1);
     let client = *sessions[0].client.lock().expect("lock");
-    assert!(client.is_ipv4(), "recorded {client}, expected an IPv4 address");
+    assert!(
+        client.is_ipv4(),
+        "recorded {client}, expected an IPv4 address"
+    );
     assert_eq!(client.ip().to_string(), "127.0.0.1");
     assert_eq!(echo_once(&tunnel, b"v4").await, b"v4");
 }

@@ -80,7 +80,10 @@ fn unix_seconds(t: SystemTime) -> i64 {
 
 /// Runs the admission checks in order: chain and validity, application,
 /// identity, policy. Never blocks the calling task.
-pub async fn admit(generation: &Generation, req: &AdmissionRequest<'_>) -> Result<Admitted, Refused> {
+pub async fn admit(
+    generation: &Generation,
+    req: &AdmissionRequest<'_>,
+) -> Result<Admitted, Refused> {
     let Some((leaf, intermediates)) = req.chain.split_first() else {
         return Err(Refused::new(
             Code::CertificateUntrusted,
@@ -95,7 +98,10 @@ pub async fn admit(generation: &Generation, req: &AdmissionRequest<'_>) -> Resul
         .map_err(|e| {
             let summary: CertSummary = crate::identity::summarize_certificate(leaf);
             let mut r = Refused::new(Code::CertificateUntrusted, e.to_string());
-            r.device = Some(format!("unverified {} serial {}", summary.subject, summary.serial_hex));
+            r.device = Some(format!(
+                "unverified {} serial {}",
+                summary.subject, summary.serial_hex
+            ));
             r
         })?;
 
@@ -113,13 +119,14 @@ pub async fn admit(generation: &Generation, req: &AdmissionRequest<'_>) -> Resul
         return Err(r);
     };
 
-    let identity = extract_identity(leaf, generation.hardware_bound_oid.as_deref()).map_err(|e| {
-        let summary = crate::identity::summarize_certificate(leaf);
-        let mut r = Refused::new(Code::InvalidIdentity, e.to_string());
-        r.device = Some(format!("{} serial {}", summary.subject, summary.serial_hex));
-        r.application = Some(application.name.clone());
-        r
-    })?;
+    let identity =
+        extract_identity(leaf, generation.hardware_bound_oid.as_deref()).map_err(|e| {
+            let summary = crate::identity::summarize_certificate(leaf);
+            let mut r = Refused::new(Code::InvalidIdentity, e.to_string());
+            r.device = Some(format!("{} serial {}", summary.subject, summary.serial_hex));
+            r.application = Some(application.name.clone());
+            r
+        })?;
     let identity = Arc::new(identity);
 
     let age = req.session_started.map_or(0, |s| s.elapsed().as_secs());
@@ -158,7 +165,10 @@ pub async fn admit(generation: &Generation, req: &AdmissionRequest<'_>) -> Resul
         Err(_) => {
             let mut r = Refused::new(
                 Code::PolicyUnavailable,
-                format!("policy engine {} did not answer within {timeout:?}", policy.engine()),
+                format!(
+                    "policy engine {} did not answer within {timeout:?}",
+                    policy.engine()
+                ),
             );
             r.device = Some(identity.device_id.clone());
             r.application = Some(application.name.clone());
@@ -179,7 +189,14 @@ pub async fn admit(generation: &Generation, req: &AdmissionRequest<'_>) -> Resul
             reason,
             remediation,
             rule,
-        } => return Err(refusal(Code::PolicyDenied, reason, remediation.clone(), rule)),
+        } => {
+            return Err(refusal(
+                Code::PolicyDenied,
+                reason,
+                remediation.clone(),
+                rule,
+            ))
+        }
         Decision::StepUp {
             reason,
             challenge,
@@ -241,7 +258,10 @@ pub fn deadline_for(
             candidates.push(Deadline {
                 at: started + max,
                 reevaluate: false,
-                reason: format!("the session reached its maximum length of {}s", max.as_secs()),
+                reason: format!(
+                    "the session reached its maximum length of {}s",
+                    max.as_secs()
+                ),
             });
         }
     }

@@ -73,7 +73,9 @@ pub fn classify(error: &quinn::ConnectionError) -> Ending {
             message: "The gateway speaks no QUIC version this client supports.".into(),
         },
         E::TimedOut => Ending::Transient("the gateway stopped answering (idle timeout)".into()),
-        E::Reset => Ending::Transient("the gateway reset the connection (it may have restarted)".into()),
+        E::Reset => {
+            Ending::Transient("the gateway reset the connection (it may have restarted)".into())
+        }
         E::LocallyClosed => Ending::Transient("the connection was closed locally".into()),
         E::CidsExhausted => Ending::Transient("connection IDs exhausted".into()),
     }
@@ -114,7 +116,11 @@ pub struct Tunnel {
 
 /// Builds the rustls client config: TLS 1.3, ALPN `ztgate/1`, the device
 /// certificate chain and key, and the CA that issued the gateway certificate.
-pub fn client_tls_config(cert: &Path, key: &Path, ca: &Path) -> Result<rustls::ClientConfig, String> {
+pub fn client_tls_config(
+    cert: &Path,
+    key: &Path,
+    ca: &Path,
+) -> Result<rustls::ClientConfig, String> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
         .map_err(|e| format!("cannot read certificates from {}: {e}", cert.display()))?;
@@ -130,7 +136,10 @@ pub fn client_tls_config(cert: &Path, key: &Path, ca: &Path) -> Result<rustls::C
         .map_err(|e| format!("cannot read CA certificates from {}: {e}", ca.display()))?;
     let (added, _) = roots.add_parsable_certificates(cas);
     if added == 0 {
-        return Err(format!("{} contains no usable CA certificate", ca.display()));
+        return Err(format!(
+            "{} contains no usable CA certificate",
+            ca.display()
+        ));
     }
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -139,7 +148,13 @@ pub fn client_tls_config(cert: &Path, key: &Path, ca: &Path) -> Result<rustls::C
     .map_err(|e| e.to_string())?
     .with_root_certificates(roots)
     .with_client_auth_cert(chain, key_der)
-    .map_err(|e| format!("the key in {} does not fit the certificate in {}: {e}", key.display(), cert.display()))?;
+    .map_err(|e| {
+        format!(
+            "the key in {} does not fit the certificate in {}: {e}",
+            key.display(),
+            cert.display()
+        )
+    })?;
     config.alpn_protocols = vec![protocol::ALPN.to_vec()];
     config.enable_early_data = false;
     Ok(config)
@@ -170,8 +185,21 @@ impl Client {
             SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
             SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
         });
-        let mut endpoint = quinn::Endpoint::client(bind)
-            .map_err(|e| format!("cannot bind a UDP socket on {bind}: {e}"))?;
+        let socket = crate::ingress::udp::bind_udp(
+            bind,
+            crate::ingress::udp::UdpBuffers {
+                receive: 4 * 1024 * 1024,
+                send: 4 * 1024 * 1024,
+            },
+        )
+        .map_err(|e| format!("cannot bind a UDP socket on {bind}: {e}"))?;
+        let mut endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            None,
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|e| format!("cannot start the QUIC endpoint on {bind}: {e}"))?;
         endpoint.set_default_client_config(config);
         Ok(Client {
             endpoint,
@@ -210,7 +238,8 @@ impl Client {
                 Ok(other) => {
                     // The stream ended or carried something else: the close
                     // reason, if any, says more.
-                    let closed = tokio::time::timeout(Duration::from_secs(2), connection.closed()).await;
+                    let closed =
+                        tokio::time::timeout(Duration::from_secs(2), connection.closed()).await;
                     match closed {
                         Ok(e) => Err(classify(&e)),
                         Err(_) => Err(Ending::Refused {
@@ -220,7 +249,8 @@ impl Client {
                     }
                 }
                 Err(_) => {
-                    let closed = tokio::time::timeout(Duration::from_secs(2), connection.closed()).await;
+                    let closed =
+                        tokio::time::timeout(Duration::from_secs(2), connection.closed()).await;
                     match closed {
                         Ok(e) => Err(classify(&e)),
                         Err(_) => Err(Ending::Transient("the control stream failed".into())),
@@ -240,7 +270,9 @@ impl Client {
 
 impl Tunnel {
     /// Opens a stream and sends the preamble.
-    pub async fn open_stream(&self) -> Result<(quinn::SendStream, quinn::RecvStream), quinn::ConnectionError> {
+    pub async fn open_stream(
+        &self,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), quinn::ConnectionError> {
         open_stream(&self.connection).await
     }
 
@@ -256,7 +288,10 @@ impl Tunnel {
                     tracing::info!(drain_secs = g.drain_secs, reason = %g.reason, "the gateway is going away");
                 }
                 Ok(Some(ControlMessage::StepUp(s))) => {
-                    eprintln!("ztgate connect: additional verification required: {} ({})", s.challenge, s.reason);
+                    eprintln!(
+                        "ztgate connect: additional verification required: {} ({})",
+                        s.challenge, s.reason
+                    );
                 }
                 Ok(Some(other)) => tracing::debug!(message = ?other, "control message"),
                 Ok(None) | Err(_) => break,
@@ -275,9 +310,11 @@ pub async fn open_stream(
     connection: &quinn::Connection,
 ) -> Result<(quinn::SendStream, quinn::RecvStream), quinn::ConnectionError> {
     let (mut send, recv) = connection.open_bi().await?;
-    send.write_all(&protocol::preamble()).await.map_err(|e| match e {
-        quinn::WriteError::ConnectionLost(e) => e,
-        _ => quinn::ConnectionError::LocallyClosed,
-    })?;
+    send.write_all(&protocol::preamble())
+        .await
+        .map_err(|e| match e {
+            quinn::WriteError::ConnectionLost(e) => e,
+            _ => quinn::ConnectionError::LocallyClosed,
+        })?;
     Ok((send, recv))
 }

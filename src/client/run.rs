@@ -79,7 +79,9 @@ pub async fn run_connect(options: ConnectOptions) -> Result<(), String> {
                 backoff = Duration::from_millis(250);
                 say(&format!(
                     "admitted to {} as {} (session {})",
-                    tunnel.admitted.application, tunnel.admitted.device_id, tunnel.admitted.session_id
+                    tunnel.admitted.application,
+                    tunnel.admitted.device_id,
+                    tunnel.admitted.session_id
                 ));
                 if !announced {
                     say(&format!("listening on {local}"));
@@ -90,12 +92,17 @@ pub async fn run_connect(options: ConnectOptions) -> Result<(), String> {
                 current_tx.send_replace(None);
                 match ending {
                     Ending::Refused { message, .. } => return Err(message),
-                    Ending::Transient(message) => say(&format!("tunnel ended: {message}; reconnecting")),
+                    Ending::Transient(message) => {
+                        say(&format!("tunnel ended: {message}; reconnecting"))
+                    }
                 }
             }
             Err(Ending::Refused { message, .. }) => return Err(message),
             Err(Ending::Transient(message)) => {
-                say(&format!("cannot reach the gateway: {message}; retrying in {} ms", backoff.as_millis()));
+                say(&format!(
+                    "cannot reach the gateway: {message}; retrying in {} ms",
+                    backoff.as_millis()
+                ));
             }
         }
         let jitter = rand::thread_rng().gen_range(0..=backoff.as_millis() as u64 / 2);
@@ -119,7 +126,11 @@ async fn accept_local(listener: TcpListener, current: watch::Receiver<Option<qui
         tokio::spawn(async move {
             // Wait a bounded time for a tunnel when one is being re-established.
             let wait = tokio::time::timeout(Duration::from_secs(10), async {
-                current.wait_for(|c| c.is_some()).await.ok().and_then(|c| c.clone())
+                current
+                    .wait_for(|c| c.is_some())
+                    .await
+                    .ok()
+                    .and_then(|c| c.clone())
             })
             .await;
             let connection = wait.ok().flatten();
@@ -129,7 +140,16 @@ async fn accept_local(listener: TcpListener, current: watch::Receiver<Option<qui
             };
             match open_stream(&connection).await {
                 Ok((send, recv)) => {
-                    let (end, stats) = pump(send, recv, tcp, ResetCodes { tcp_reset: Code::UpstreamReset.into() }, 64 * 1024).await;
+                    let (end, stats) = pump(
+                        send,
+                        recv,
+                        tcp,
+                        ResetCodes {
+                            tcp_reset: Code::UpstreamReset.into(),
+                        },
+                        64 * 1024,
+                    )
+                    .await;
                     tracing::debug!(%peer, ?end, to_gateway = stats.to_tcp, from_gateway = stats.to_stream, "local connection ended");
                 }
                 Err(e) => tracing::warn!(%peer, error = %e, "cannot open a stream"),
@@ -139,7 +159,10 @@ async fn accept_local(listener: TcpListener, current: watch::Receiver<Option<qui
 }
 
 async fn run_stdio(client: &Client, timeout: Duration) -> Result<(), String> {
-    let tunnel = client.connect(timeout).await.map_err(|e| e.message().to_string())?;
+    let tunnel = client
+        .connect(timeout)
+        .await
+        .map_err(|e| e.message().to_string())?;
     let (mut send, mut recv) = tunnel
         .open_stream()
         .await

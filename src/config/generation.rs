@@ -57,6 +57,7 @@ pub struct Generation {
     pub applications: HashMap<String, Arc<Application>>,
     pub policy: Arc<dyn PolicyClient>,
     pub hardware_bound_oid: Option<String>,
+    pub udp_buffers: crate::ingress::udp::UdpBuffers,
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub log_level: String,
@@ -69,7 +70,10 @@ impl std::fmt::Debug for Generation {
             .field("id", &self.id)
             .field("source", &self.source)
             .field("listen", &self.listen)
-            .field("applications", &self.applications.keys().collect::<Vec<_>>())
+            .field(
+                "applications",
+                &self.applications.keys().collect::<Vec<_>>(),
+            )
             .finish()
     }
 }

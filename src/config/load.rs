@@ -102,10 +102,9 @@ fn parse(text: &str, c: &mut Collector) -> Option<RawConfig> {
         }
     };
     let mut unknown = Vec::new();
-    let raw: Result<RawConfig, _> =
-        serde_ignored::deserialize(toml::Value::Table(table), |path| {
-            unknown.push(format_path(&path));
-        });
+    let raw: Result<RawConfig, _> = serde_ignored::deserialize(toml::Value::Table(table), |path| {
+        unknown.push(format_path(&path));
+    });
     for key in unknown {
         c.push(
             key,
@@ -115,7 +114,10 @@ fn parse(text: &str, c: &mut Collector) -> Option<RawConfig> {
     match raw {
         Ok(raw) => Some(raw),
         Err(e) => {
-            c.push("", format!("{e}; see docs/configuration.md for the expected type"));
+            c.push(
+                "",
+                format!("{e}; see docs/configuration.md for the expected type"),
+            );
             None
         }
     }
@@ -182,7 +184,8 @@ fn read_certs(c: &mut Collector, key: &str, path: &Path) -> Vec<CertificateDer<'
 /// Refuses private key files that group or others can read.
 pub(crate) fn check_secret_file_mode(path: &Path) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(format!(
@@ -242,7 +245,10 @@ fn build(
     // Listeners.
     let mut listen = Vec::new();
     if raw.gateway.listen.is_empty() {
-        c.push("gateway.listen", "no listen address; add at least one, such as \"0.0.0.0:4433\"");
+        c.push(
+            "gateway.listen",
+            "no listen address; add at least one, such as \"0.0.0.0:4433\"",
+        );
     }
     for (i, l) in raw.gateway.listen.iter().enumerate() {
         if let Some(addr) = parse_listen(c, &format!("gateway.listen[{i}]"), l) {
@@ -268,7 +274,10 @@ fn build(
                         Err(e) => {
                             c.push(
                                 "gateway.private_key",
-                                format!("the key does not match the certificate in {}: {e}", cert_path.display()),
+                                format!(
+                                    "the key does not match the certificate in {}: {e}",
+                                    cert_path.display()
+                                ),
                             );
                             None
                         }
@@ -308,11 +317,23 @@ fn build(
     }
     let l = &raw.limits;
     for (key, value) in [
-        ("limits.max_streams_per_connection", u64::from(l.max_streams_per_connection)),
+        (
+            "limits.max_streams_per_connection",
+            u64::from(l.max_streams_per_connection),
+        ),
         ("limits.max_connections", u64::from(l.max_connections)),
-        ("limits.max_connections_per_source", u64::from(l.max_connections_per_source)),
-        ("limits.max_connections_per_device", u64::from(l.max_connections_per_device)),
-        ("limits.upstream_connect_timeout_ms", l.upstream_connect_timeout_ms),
+        (
+            "limits.max_connections_per_source",
+            u64::from(l.max_connections_per_source),
+        ),
+        (
+            "limits.max_connections_per_device",
+            u64::from(l.max_connections_per_device),
+        ),
+        (
+            "limits.upstream_connect_timeout_ms",
+            l.upstream_connect_timeout_ms,
+        ),
         ("limits.copy_buffer_bytes", l.copy_buffer_bytes as u64),
     ] {
         if value == 0 {
@@ -322,11 +343,17 @@ fn build(
     const MAX_WINDOW: u64 = (1 << 62) - 1;
     for (key, value) in [
         ("limits.stream_receive_window", l.stream_receive_window),
-        ("limits.connection_receive_window", l.connection_receive_window),
+        (
+            "limits.connection_receive_window",
+            l.connection_receive_window,
+        ),
         ("limits.send_window", l.send_window),
     ] {
-        if value < 1024 || value > MAX_WINDOW {
-            c.push(key, format!("{value} is out of range; use a byte count from 1024 to 2^62-1"));
+        if !(1024..=MAX_WINDOW).contains(&value) {
+            c.push(
+                key,
+                format!("{value} is out of range; use a byte count from 1024 to 2^62-1"),
+            );
         }
     }
     if l.stream_receive_window > l.connection_receive_window {
@@ -351,25 +378,42 @@ fn build(
     let mut cas = Vec::new();
     let mut ca_names = HashSet::new();
     if raw.device_cas.is_empty() {
-        c.push("device_ca", "no device CA configured; add a [[device_ca]] table with name and certificates");
+        c.push(
+            "device_ca",
+            "no device CA configured; add a [[device_ca]] table with name and certificates",
+        );
     }
     for (i, ca) in raw.device_cas.iter().enumerate() {
         if ca.name.is_empty() {
             c.push(format!("device_ca[{i}].name"), "must not be empty");
         }
         if !ca_names.insert(ca.name.clone()) {
-            c.push(format!("device_ca[{i}].name"), format!("duplicate device CA name {:?}", ca.name));
+            c.push(
+                format!("device_ca[{i}].name"),
+                format!("duplicate device CA name {:?}", ca.name),
+            );
         }
         if ca.certificates.is_empty() {
-            c.push(format!("device_ca[{i}].certificates"), "list at least one PEM file");
+            c.push(
+                format!("device_ca[{i}].certificates"),
+                "list at least one PEM file",
+            );
         }
         let mut anchors = Vec::new();
         for (j, f) in ca.certificates.iter().enumerate() {
-            anchors.extend(read_certs(c, &format!("device_ca[{i}].certificates[{j}]"), &resolve(base, f)));
+            anchors.extend(read_certs(
+                c,
+                &format!("device_ca[{i}].certificates[{j}]"),
+                &resolve(base, f),
+            ));
         }
         let mut intermediates = Vec::new();
         for (j, f) in ca.intermediates.iter().enumerate() {
-            intermediates.extend(read_certs(c, &format!("device_ca[{i}].intermediates[{j}]"), &resolve(base, f)));
+            intermediates.extend(read_certs(
+                c,
+                &format!("device_ca[{i}].intermediates[{j}]"),
+                &resolve(base, f),
+            ));
         }
         cas.push(DeviceCa {
             name: ca.name.clone(),
@@ -393,7 +437,10 @@ fn build(
     if raw.policy.engine != "builtin" {
         c.push(
             "policy.engine",
-            format!("unknown engine {:?}; supported: \"builtin\"", raw.policy.engine),
+            format!(
+                "unknown engine {:?}; supported: \"builtin\"",
+                raw.policy.engine
+            ),
         );
     }
     if raw.policy.decision_lifetime_secs == 0 {
@@ -408,7 +455,13 @@ fn build(
         );
     }
     if raw.log.format != "text" && raw.log.format != "json" {
-        c.push("log.format", format!("{:?} is not a log format; use \"text\" or \"json\"", raw.log.format));
+        c.push(
+            "log.format",
+            format!(
+                "{:?} is not a log format; use \"text\" or \"json\"",
+                raw.log.format
+            ),
+        );
     }
 
     // Applications.
@@ -422,7 +475,10 @@ fn build(
             c.push(key("name"), "must not be empty");
         }
         if !names.insert(app.name.clone()) {
-            c.push(key("name"), format!("duplicate application name {:?}", app.name));
+            c.push(
+                key("name"),
+                format!("duplicate application name {:?}", app.name),
+            );
         }
         let server_name = app.server_name.trim_end_matches('.').to_ascii_lowercase();
         match ServerName::try_from(server_name.as_str()) {
@@ -441,11 +497,17 @@ fn build(
             }
             _ => c.push(
                 key("server_name"),
-                format!("{:?} is not a DNS name; clients select applications by TLS server name", app.server_name),
+                format!(
+                    "{:?} is not a DNS name; clients select applications by TLS server name",
+                    app.server_name
+                ),
             ),
         }
         if applications.contains_key(&server_name) {
-            c.push(key("server_name"), format!("{server_name:?} is used by another application"));
+            c.push(
+                key("server_name"),
+                format!("{server_name:?} is used by another application"),
+            );
         }
         let upstream = match Upstream::parse(&app.upstream, connect_timeout) {
             Ok(u) => Some(Arc::new(u)),
@@ -467,7 +529,10 @@ fn build(
         }
     }
     if raw.applications.is_empty() {
-        c.push("application", "no application configured; add an [[application]] table");
+        c.push(
+            "application",
+            "no application configured; add an [[application]] table",
+        );
     }
 
     if !c.errors.is_empty() {
@@ -486,6 +551,10 @@ fn build(
         applications,
         policy,
         hardware_bound_oid,
+        udp_buffers: crate::ingress::udp::UdpBuffers {
+            receive: g.udp_receive_buffer_bytes,
+            send: g.udp_send_buffer_bytes,
+        },
         timeouts: Timeouts {
             handshake: Duration::from_millis(g.handshake_timeout_ms),
             idle: Duration::from_secs(g.idle_timeout_secs),
@@ -523,7 +592,10 @@ fn certificate_covers(cert: &CertificateDer<'_>, name: &str) -> bool {
 fn check_access(c: &mut Collector, i: usize, access: &RawAccess, ca_names: &HashSet<String>) {
     let key = |field: &str| format!("application[{i}].access.{field}");
     if access.device_cas.is_empty() {
-        c.push(key("device_cas"), "list the device CAs whose devices may reach this application");
+        c.push(
+            key("device_cas"),
+            "list the device CAs whose devices may reach this application",
+        );
     }
     for (j, name) in access.device_cas.iter().enumerate() {
         if !ca_names.contains(name) {

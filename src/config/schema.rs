@@ -39,6 +39,10 @@ pub struct RawGateway {
     pub admission_timeout_ms: u64,
     #[serde(default = "defaults::drain_secs")]
     pub drain_secs: u64,
+    #[serde(default = "defaults::udp_buffer")]
+    pub udp_receive_buffer_bytes: usize,
+    #[serde(default = "defaults::udp_buffer")]
+    pub udp_send_buffer_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -188,6 +192,9 @@ pub mod defaults {
     }
     pub fn drain_secs() -> u64 {
         10
+    }
+    pub fn udp_buffer() -> usize {
+        4 * 1024 * 1024
     }
     pub fn max_streams() -> u32 {
         100

@@ -4,7 +4,7 @@
 //! reset (or STOP_SENDING) becomes a TCP RST (SO_LINGER 0) and a TCP RST
 //! becomes a stream reset in both directions.
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use quinn::{ReadError, RecvStream, SendStream, VarInt, WriteError};
 use std::io;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -48,15 +48,17 @@ enum Half {
 }
 
 async fn stream_to_tcp(recv: &mut RecvStream, tcp: &mut WriteHalf<'_>) -> Half {
+    // quinn hands over one chunk per received frame (about one packet), so
+    // chunks are gathered in batches and written with one writev each.
+    const BATCH: usize = 32;
     let mut total = 0u64;
+    let mut chunks: [Bytes; BATCH] = std::array::from_fn(|_| Bytes::new());
     loop {
-        match recv.read_chunk(usize::MAX, true).await {
-            Ok(Some(chunk)) => {
-                if let Err(e) = tcp.write_all(&chunk.bytes).await {
-                    return Half::Abort(tcp_error_end(&e), total);
-                }
-                total += chunk.bytes.len() as u64;
-            }
+        match recv.read_chunks(&mut chunks).await {
+            Ok(Some(count)) => match write_all_vectored(tcp, &mut chunks[..count]).await {
+                Ok(written) => total += written,
+                Err(e) => return Half::Abort(tcp_error_end(&e), total),
+            },
             Ok(None) => {
                 // FIN from the stream: half-close the TCP connection.
                 let _ = tcp.shutdown().await;
@@ -71,6 +73,46 @@ async fn stream_to_tcp(recv: &mut RecvStream, tcp: &mut WriteHalf<'_>) -> Half {
             Err(e) => return Half::Abort(PumpEnd::Error(e.to_string()), total),
         }
     }
+}
+
+/// Writes every chunk, using writev and resuming after partial writes.
+/// Leaves the chunks empty and returns the number of bytes written.
+async fn write_all_vectored(tcp: &mut WriteHalf<'_>, chunks: &mut [Bytes]) -> io::Result<u64> {
+    let mut total = 0u64;
+    let mut first = 0;
+    while first < chunks.len() {
+        if chunks[first].is_empty() {
+            first += 1;
+            continue;
+        }
+        let mut slices = [io::IoSlice::new(&[]); 32];
+        let mut used = 0;
+        for chunk in chunks[first..]
+            .iter()
+            .filter(|c| !c.is_empty())
+            .take(slices.len())
+        {
+            slices[used] = io::IoSlice::new(chunk);
+            used += 1;
+        }
+        let mut written = tcp.write_vectored(&slices[..used]).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        total += written as u64;
+        while written > 0 && first < chunks.len() {
+            let len = chunks[first].len();
+            if written >= len {
+                chunks[first] = Bytes::new();
+                written -= len;
+                first += 1;
+            } else {
+                let _ = chunks[first].split_to(written);
+                written = 0;
+            }
+        }
+    }
+    Ok(total)
 }
 
 async fn tcp_to_stream(tcp: &mut ReadHalf<'_>, send: &mut SendStream, buffer: usize) -> Half {
@@ -105,9 +147,9 @@ async fn tcp_to_stream(tcp: &mut ReadHalf<'_>, send: &mut SendStream, buffer: us
 
 fn tcp_error_end(e: &io::Error) -> PumpEnd {
     match e.kind() {
-        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted => {
-            PumpEnd::TcpReset
-        }
+        io::ErrorKind::ConnectionReset
+        | io::ErrorKind::BrokenPipe
+        | io::ErrorKind::ConnectionAborted => PumpEnd::TcpReset,
         _ => PumpEnd::Error(e.to_string()),
     }
 }

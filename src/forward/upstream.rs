@@ -54,7 +54,8 @@ fn resolver() -> Result<&'static TokioAsyncResolver, String> {
 impl Upstream {
     /// Parses `host:port`, `IPv4:port` or `[IPv6]:port`.
     pub fn parse(value: &str, connect_timeout: Duration) -> Result<Upstream, String> {
-        let hint = "write host:port, such as \"10.0.0.5:8080\", \"wiki.internal:80\" or \"[fd00::5]:22\"";
+        let hint =
+            "write host:port, such as \"10.0.0.5:8080\", \"wiki.internal:80\" or \"[fd00::5]:22\"";
         if let Ok(addr) = value.parse::<SocketAddr>() {
             return Ok(Upstream {
                 host: addr.ip().to_string(),
@@ -75,9 +76,11 @@ impl Upstream {
         }
         let valid_host = !host.is_empty()
             && host.len() <= 253
-            && host
-                .split('.')
-                .all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+            && host.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
         if !valid_host {
             return Err(format!("{value:?} has an invalid host name; {hint}"));
         }
@@ -174,15 +177,32 @@ mod tests {
     #[test]
     fn parse_accepts_literals_and_names() {
         let t = Duration::from_secs(1);
-        assert_eq!(Upstream::parse("127.0.0.1:80", t).map(|u| u.display()), Ok("127.0.0.1:80".into()));
-        assert_eq!(Upstream::parse("[::1]:22", t).map(|u| u.display()), Ok("[::1]:22".into()));
-        assert_eq!(Upstream::parse("Wiki.Internal:8080", t).map(|u| u.display()), Ok("wiki.internal:8080".into()));
+        assert_eq!(
+            Upstream::parse("127.0.0.1:80", t).map(|u| u.display()),
+            Ok("127.0.0.1:80".into())
+        );
+        assert_eq!(
+            Upstream::parse("[::1]:22", t).map(|u| u.display()),
+            Ok("[::1]:22".into())
+        );
+        assert_eq!(
+            Upstream::parse("Wiki.Internal:8080", t).map(|u| u.display()),
+            Ok("wiki.internal:8080".into())
+        );
     }
 
     #[test]
     fn parse_rejects_bad_values() {
         let t = Duration::from_secs(1);
-        for bad in ["wiki", "wiki:", "wiki:0", "wiki:99999", ":80", "bad host:80", "a..b:80"] {
+        for bad in [
+            "wiki",
+            "wiki:",
+            "wiki:0",
+            "wiki:99999",
+            ":80",
+            "bad host:80",
+            "a..b:80",
+        ] {
             assert!(Upstream::parse(bad, t).is_err(), "{bad:?} must be rejected");
         }
     }

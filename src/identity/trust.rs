@@ -177,8 +177,13 @@ impl TrustStore {
         let index = self
             .anchors
             .iter()
-            .position(|a| a.subject == anchor.subject && a.subject_public_key_info == anchor.subject_public_key_info)
-            .ok_or_else(|| ChainError::BadEncoding("verified anchor not found in the store".into()))?;
+            .position(|a| {
+                a.subject == anchor.subject
+                    && a.subject_public_key_info == anchor.subject_public_key_info
+            })
+            .ok_or_else(|| {
+                ChainError::BadEncoding("verified anchor not found in the store".into())
+            })?;
         Ok(VerifiedChain {
             ca_name: self.anchor_ca[index].clone(),
         })

@@ -12,7 +12,9 @@ pub struct ControlWriter {
 }
 
 impl ControlWriter {
-    pub async fn open(connection: &quinn::Connection) -> Result<ControlWriter, quinn::ConnectionError> {
+    pub async fn open(
+        connection: &quinn::Connection,
+    ) -> Result<ControlWriter, quinn::ConnectionError> {
         let stream = connection.open_uni().await?;
         Ok(ControlWriter {
             stream,
@@ -31,7 +33,10 @@ impl ControlWriter {
                 .map_err(std::io::Error::from)?;
             self.version_sent = true;
         }
-        self.stream.write_all(&frame).await.map_err(std::io::Error::from)
+        self.stream
+            .write_all(&frame)
+            .await
+            .map_err(std::io::Error::from)
     }
 
     /// Finishes the stream and waits, at most `limit`, until the peer has

@@ -4,6 +4,7 @@
 mod control;
 pub mod quic;
 mod tls_config;
+pub mod udp;
 
 pub use control::ControlWriter;
 pub use quic::{bind_quic, QuicIngress};

@@ -56,10 +56,18 @@ fn server_config(
     generation: &Generation,
     shared: &Shared,
     token_key: &Arc<dyn quinn::crypto::HandshakeTokenKey>,
-) -> Result<(quinn::ServerConfig, Arc<std::sync::Mutex<crate::identity::HandshakeOutcome>>), String> {
-    let (tls, outcome) = server_tls_config(generation, &[protocol::ALPN], shared.session_cache.clone())
-        .map_err(|e| format!("TLS configuration failed: {e}"))?;
-    let crypto = QuicServerConfig::try_from(tls).map_err(|e| format!("QUIC TLS configuration failed: {e}"))?;
+) -> Result<
+    (
+        quinn::ServerConfig,
+        Arc<std::sync::Mutex<crate::identity::HandshakeOutcome>>,
+    ),
+    String,
+> {
+    let (tls, outcome) =
+        server_tls_config(generation, &[protocol::ALPN], shared.session_cache.clone())
+            .map_err(|e| format!("TLS configuration failed: {e}"))?;
+    let crypto = QuicServerConfig::try_from(tls)
+        .map_err(|e| format!("QUIC TLS configuration failed: {e}"))?;
     let mut config = quinn::ServerConfig::new(Arc::new(crypto), token_key.clone());
     config.transport_config(Arc::new(transport_config(generation)));
     config.migration(true);
@@ -72,11 +80,21 @@ pub fn bind_quic(shared: &Arc<Shared>) -> std::io::Result<Vec<QuicIngress>> {
     let token_key = handshake_token_key();
     let mut out = Vec::new();
     for addr in &generation.listen {
-        let (config, _) = server_config(&generation, shared, &token_key)
-            .map_err(std::io::Error::other)?;
-        let endpoint = quinn::Endpoint::server(config, *addr).map_err(|e| {
+        let (config, _) =
+            server_config(&generation, shared, &token_key).map_err(std::io::Error::other)?;
+        let buffers = super::udp::UdpBuffers {
+            receive: generation.udp_buffers.receive,
+            send: generation.udp_buffers.send,
+        };
+        let socket = super::udp::bind_udp(*addr, buffers).map_err(|e| {
             std::io::Error::new(e.kind(), format!("cannot listen on UDP {addr}: {e}"))
         })?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
         let local_addr = endpoint.local_addr()?;
         info!(%local_addr, "QUIC listener started");
         out.push(QuicIngress {
@@ -183,7 +201,11 @@ async fn handle_connection(
     let (sni, connection) = match result {
         Err(_) => {
             stats.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
-            if shared.refusal_log.check(remote.ip(), Instant::now()).is_some() {
+            if shared
+                .refusal_log
+                .check(remote.ip(), Instant::now())
+                .is_some()
+            {
                 info!(reason = "handshake-timeout", deadline = ?deadline, "connection refused: the handshake did not complete in time");
             }
             return;
@@ -269,11 +291,17 @@ async fn run_admitted(
         Err(refused) => {
             stats.refused.fetch_add(1, Ordering::Relaxed);
             log_refusal(&shared, remote, resumed, &refused);
-            refuse(&connection, &mut control, ControlMessage::Refused(Refusal {
-                code: refused.code,
-                reason: refused.reason.clone(),
-                remediation: refused.remediation.clone(),
-            }), refused.code, &refused.reason)
+            refuse(
+                &connection,
+                &mut control,
+                ControlMessage::Refused(Refusal {
+                    code: refused.code,
+                    reason: refused.reason.clone(),
+                    remediation: refused.remediation.clone(),
+                }),
+                refused.code,
+                &refused.reason,
+            )
             .await;
             return;
         }
@@ -293,24 +321,35 @@ async fn run_admitted(
         Ok(g) => g,
         Err(close) => {
             stats.refused.fetch_add(1, Ordering::Relaxed);
-            if shared.refusal_log.check(remote.ip(), Instant::now()).is_some() {
+            if shared
+                .refusal_log
+                .check(remote.ip(), Instant::now())
+                .is_some()
+            {
                 info!(reason = close.code.name(), detail = %close.reason, "connection refused");
             }
-            refuse(&connection, &mut control, ControlMessage::Refused(Refusal {
-                code: close.code,
-                reason: close.reason.clone(),
-                remediation: None,
-            }), close.code, &close.reason)
+            refuse(
+                &connection,
+                &mut control,
+                ControlMessage::Refused(Refusal {
+                    code: close.code,
+                    reason: close.reason.clone(),
+                    remediation: None,
+                }),
+                close.code,
+                &close.reason,
+            )
             .await;
             return;
         }
     };
     span.record("session", guard.entry.id);
     stats.admitted.fetch_add(1, Ordering::Relaxed);
-    let expires_in = admitted
-        .deadline
-        .as_ref()
-        .map(|d| d.at.saturating_duration_since(Instant::now()).as_secs_f64().ceil() as u64);
+    let expires_in = admitted.deadline.as_ref().map(|d| {
+        d.at.saturating_duration_since(Instant::now())
+            .as_secs_f64()
+            .ceil() as u64
+    });
     let message = ControlMessage::Admitted(AdmittedMsg {
         session_id: guard.entry.id,
         application: admitted.application.name.clone(),
@@ -333,7 +372,12 @@ async fn run_admitted(
     };
     let mut close_rx = guard.close.clone();
     let mut shutdown = shared.shutdown.clone();
-    let streams = accept_streams(connection.clone(), shared.clone(), guard.entry.clone(), state.admitted.application.clone());
+    let streams = accept_streams(
+        connection.clone(),
+        shared.clone(),
+        guard.entry.clone(),
+        state.admitted.application.clone(),
+    );
     tokio::pin!(streams);
     let ending = tokio::select! {
         request = supervise(&mut state, &shared.config, &mut close_rx, &mut shutdown) => Some(request),
@@ -350,10 +394,20 @@ async fn run_admitted(
                 reason: request.reason.clone(),
                 remediation: request.remediation.clone(),
             });
-            refuse(&connection, &mut control, message, request.code, &request.reason).await;
+            refuse(
+                &connection,
+                &mut control,
+                message,
+                request.code,
+                &request.reason,
+            )
+            .await;
         }
         None => {
-            let reason = connection.close_reason().map(|r| r.to_string()).unwrap_or_default();
+            let reason = connection
+                .close_reason()
+                .map(|r| r.to_string())
+                .unwrap_or_default();
             info!(reason = %reason, bytes_to_upstream = up, bytes_to_client = down, duration_ms = started.elapsed().as_millis() as u64, "session ended");
         }
     }
@@ -448,7 +502,11 @@ async fn forward_stream(
             return;
         }
     };
-    debug!(stream = stream_id, connect_ms = started.elapsed().as_millis() as u64, "upstream connected");
+    debug!(
+        stream = stream_id,
+        connect_ms = started.elapsed().as_millis() as u64,
+        "upstream connected"
+    );
     let (end, stats) = pump(
         send,
         recv,
@@ -459,10 +517,21 @@ async fn forward_stream(
         buffer,
     )
     .await;
-    entry.bytes_to_upstream.fetch_add(stats.to_tcp, Ordering::Relaxed);
-    entry.bytes_to_client.fetch_add(stats.to_stream, Ordering::Relaxed);
+    entry
+        .bytes_to_upstream
+        .fetch_add(stats.to_tcp, Ordering::Relaxed);
+    entry
+        .bytes_to_client
+        .fetch_add(stats.to_stream, Ordering::Relaxed);
     match end {
-        PumpEnd::Finished => debug!(stream = stream_id, to_upstream = stats.to_tcp, to_client = stats.to_stream, "stream finished"),
-        other => debug!(stream = stream_id, end = ?other, to_upstream = stats.to_tcp, to_client = stats.to_stream, "stream ended abruptly"),
+        PumpEnd::Finished => debug!(
+            stream = stream_id,
+            to_upstream = stats.to_tcp,
+            to_client = stats.to_stream,
+            "stream finished"
+        ),
+        other => {
+            debug!(stream = stream_id, end = ?other, to_upstream = stats.to_tcp, to_client = stats.to_stream, "stream ended abruptly")
+        }
     }
 }

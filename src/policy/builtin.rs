@@ -68,26 +68,28 @@ impl BuiltinPolicy {
             rule: format!("builtin:{app}:{rule}"),
         };
         let Some(rules) = self.rules.get(app) else {
-            return deny("no-rules", format!("application {app} has no access rules"), None);
+            return deny(
+                "no-rules",
+                format!("application {app} has no access rules"),
+                None,
+            );
         };
         if !rules.device_cas.iter().any(|ca| ca == &input.issuing_ca) {
             return deny(
                 "device-cas",
-                format!(
-                    "devices of CA {} may not reach {app}",
-                    input.issuing_ca
-                ),
+                format!("devices of CA {} may not reach {app}", input.issuing_ca),
                 Some(rules),
             );
         }
         let device = &input.device;
         let matched = if rules.allow_any_device {
             Some("allow-any-device")
-        } else if device
-            .spiffe_id
-            .as_deref()
-            .is_some_and(|id| rules.spiffe_prefixes.iter().any(|p| spiffe_prefix_matches(p, id)))
-        {
+        } else if device.spiffe_id.as_deref().is_some_and(|id| {
+            rules
+                .spiffe_prefixes
+                .iter()
+                .any(|p| spiffe_prefix_matches(p, id))
+        }) {
             Some("spiffe-prefix")
         } else if device.permanent_identifiers.iter().any(|pid| {
             rules.permanent_identifiers.iter().any(|(assigner, value)| {
@@ -109,7 +111,10 @@ impl BuiltinPolicy {
         if rules.require_hardware_bound && !device.hardware_bound {
             return deny(
                 "hardware-bound",
-                format!("{app} requires a hardware-bound key and device {} has none", device.device_id),
+                format!(
+                    "{app} requires a hardware-bound key and device {} has none",
+                    device.device_id
+                ),
                 Some(rules),
             );
         }
@@ -139,10 +144,22 @@ mod tests {
     #[test]
     fn spiffe_prefix_matches_whole_segments() {
         let prefix = "spiffe://example.test/device";
-        assert!(spiffe_prefix_matches(prefix, "spiffe://example.test/device/DEV-1"));
-        assert!(spiffe_prefix_matches(prefix, "spiffe://example.test/device"));
-        assert!(!spiffe_prefix_matches(prefix, "spiffe://example.test/devices/DEV-1"));
+        assert!(spiffe_prefix_matches(
+            prefix,
+            "spiffe://example.test/device/DEV-1"
+        ));
+        assert!(spiffe_prefix_matches(
+            prefix,
+            "spiffe://example.test/device"
+        ));
+        assert!(!spiffe_prefix_matches(
+            prefix,
+            "spiffe://example.test/devices/DEV-1"
+        ));
         assert!(!spiffe_prefix_matches(prefix, "spiffe://example.test/dev"));
-        assert!(!spiffe_prefix_matches(prefix, "spiffe://other.test/device/DEV-1"));
+        assert!(!spiffe_prefix_matches(
+            prefix,
+            "spiffe://other.test/device/DEV-1"
+        ));
     }
 }

@@ -116,12 +116,19 @@ impl Decision {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PolicyError {
     #[error("policy engine {engine} failed: {message}")]
-    Engine { engine: &'static str, message: String },
+    Engine {
+        engine: &'static str,
+        message: String,
+    },
     #[error("policy engine {engine} timed out after {after:?}")]
-    Timeout { engine: &'static str, after: Duration },
+    Timeout {
+        engine: &'static str,
+        after: Duration,
+    },
 }
 
-pub type DecisionFuture<'a> = Pin<Box<dyn Future<Output = Result<Decision, PolicyError>> + Send + 'a>>;
+pub type DecisionFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Decision, PolicyError>> + Send + 'a>>;
 
 /// A policy engine. Implementations must not block the calling task.
 pub trait PolicyClient: Send + Sync {

@@ -5,5 +5,5 @@
 mod registry;
 mod supervisor;
 
-pub use registry::{Registry, SessionEntry, SessionGuard, Selector, SourceGuard};
+pub use registry::{Registry, Selector, SessionEntry, SessionGuard, SourceGuard};
 pub use supervisor::{supervise, CloseRequest, SessionState};

@@ -47,7 +47,10 @@ impl SessionEntry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Selector {
     /// SHA-256 of the issuer name's DER and the serial in lower-case hex.
-    IssuerSerial { issuer_sha256: String, serial_hex: String },
+    IssuerSerial {
+        issuer_sha256: String,
+        serial_hex: String,
+    },
     CertSha256(String),
     SpkiSha256(String),
     Device(String),
@@ -95,7 +98,11 @@ pub struct SourceGuard {
 
 impl Drop for SourceGuard {
     fn drop(&mut self) {
-        let mut sources = self.registry.sources.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sources = self
+            .registry
+            .sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(count) = sources.get_mut(&self.ip) {
             *count -= 1;
             if *count == 0 {
@@ -169,7 +176,10 @@ impl Registry {
         per_device: u32,
     ) -> Result<SessionGuard, CloseRequest> {
         let mut idx = self.indexes.lock().unwrap_or_else(|p| p.into_inner());
-        let live = idx.by_device.get(&identity.device_id).map_or(0, |s| s.len());
+        let live = idx
+            .by_device
+            .get(&identity.device_id)
+            .map_or(0, |s| s.len());
         if live >= per_device as usize {
             return Err(CloseRequest::new(
                 Code::ConnectionLimit,
@@ -196,7 +206,10 @@ impl Registry {
         idx.sessions.insert(id, entry.clone());
         index_insert(
             &mut idx.by_issuer_serial,
-            (identity.issuer_raw_sha256.clone(), identity.serial_hex.clone()),
+            (
+                identity.issuer_raw_sha256.clone(),
+                identity.serial_hex.clone(),
+            ),
             id,
         );
         index_insert(&mut idx.by_cert, identity.cert_sha256.clone(), id);
@@ -217,7 +230,10 @@ impl Registry {
         idx.sessions.remove(&id);
         index_remove(
             &mut idx.by_issuer_serial,
-            &(identity.issuer_raw_sha256.clone(), identity.serial_hex.clone()),
+            &(
+                identity.issuer_raw_sha256.clone(),
+                identity.serial_hex.clone(),
+            ),
             id,
         );
         index_remove(&mut idx.by_cert, &identity.cert_sha256, id);
@@ -239,16 +255,30 @@ impl Registry {
                 .get(&(issuer_sha256.clone(), serial_hex.clone()))
                 .map(|s| s.iter().copied().collect())
                 .unwrap_or_default(),
-            Selector::CertSha256(h) => idx.by_cert.get(h).map(|s| s.iter().copied().collect()).unwrap_or_default(),
-            Selector::SpkiSha256(h) => idx.by_spki.get(h).map(|s| s.iter().copied().collect()).unwrap_or_default(),
-            Selector::Device(d) => idx.by_device.get(d).map(|s| s.iter().copied().collect()).unwrap_or_default(),
+            Selector::CertSha256(h) => idx
+                .by_cert
+                .get(h)
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default(),
+            Selector::SpkiSha256(h) => idx
+                .by_spki
+                .get(h)
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default(),
+            Selector::Device(d) => idx
+                .by_device
+                .get(d)
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default(),
             Selector::Application(a) => idx
                 .by_application
                 .get(a)
                 .map(|s| s.iter().copied().collect())
                 .unwrap_or_default(),
         };
-        ids.iter().filter_map(|id| idx.sessions.get(id).cloned()).collect()
+        ids.iter()
+            .filter_map(|id| idx.sessions.get(id).cloned())
+            .collect()
     }
 
     /// Asks every matching session to close; returns how many were asked.
@@ -267,6 +297,10 @@ impl Registry {
     }
 
     pub fn session_count(&self) -> usize {
-        self.indexes.lock().unwrap_or_else(|p| p.into_inner()).sessions.len()
+        self.indexes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sessions
+            .len()
     }
 }

@@ -113,7 +113,11 @@ async fn reevaluate(
     };
     match admission::admit(&generation, &request).await {
         Ok(admitted) => {
-            tracing::debug!(trigger, rule = admitted.decision.rule(), "session re-evaluated: allowed");
+            tracing::debug!(
+                trigger,
+                rule = admitted.decision.rule(),
+                "session re-evaluated: allowed"
+            );
             state.admitted = admitted;
             Ok(())
         }

@@ -194,7 +194,9 @@ pub async fn closed_port() -> SocketAddr {
 
 /// Deterministic test data.
 pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 pub fn shared<T>(value: T) -> Arc<T> {
@@ -202,10 +204,17 @@ pub fn shared<T>(value: T) -> Arc<T> {
 }
 
 /// The gateway's close of a refused connection, read as the client sees it.
-pub async fn refusal(gateway: SocketAddr, device: &str, server_name: &str) -> ztgate::client::Ending {
+pub async fn refusal(
+    gateway: SocketAddr,
+    device: &str,
+    server_name: &str,
+) -> ztgate::client::Ending {
     let client = device_client(gateway, device, server_name);
     match client.connect(Duration::from_secs(10)).await {
-        Ok(t) => panic!("{device} to {server_name} should be refused, got admitted {:?}", t.admitted),
+        Ok(t) => panic!(
+            "{device} to {server_name} should be refused, got admitted {:?}",
+            t.admitted
+        ),
         Err(e) => e,
     }
 }
