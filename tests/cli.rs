@@ -216,3 +216,42 @@ fn connect_rejects_non_loopback_listen() {
     assert!(stderr.contains("is not a loopback address"), "{stderr}");
     assert!(stderr.contains("--allow-non-loopback"), "{stderr}");
 }
+
+#[test]
+fn stdio_mode_carries_one_stream() {
+    use std::io::Write;
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let upstream = runtime.block_on(echo_server("127.0.0.1:0"));
+    let (_dir, config) = write_config("127.0.0.1:0", &[App::wiki(upstream)], "");
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_ztgate"));
+    serve.arg("serve").arg("--config").arg(&config);
+    let serve = Running::spawn(serve, false);
+    let gateway = serve.wait_for("ztgate: listening quic ", Duration::from_secs(20));
+    let pki = pki();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ztgate"))
+        .args(["connect", "--gateway", &gateway, "--app", WIKI, "--stdio"])
+        .arg("--cert")
+        .arg(pki.join("DEV-0001-chain.pem"))
+        .arg("--key")
+        .arg(pki.join("DEV-0001.key"))
+        .arg("--ca")
+        .arg(pki.join("root-ca.pem"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn connect --stdio");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(b"SSH-2.0-test\r\nhello over stdio\n")
+        .expect("write stdin");
+    drop(stdin);
+    let out = wait_with_limit(child, Duration::from_secs(30));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"SSH-2.0-test\r\nhello over stdio\n");
+    drop(runtime);
+}

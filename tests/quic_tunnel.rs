@@ -435,3 +435,46 @@ async fn stream_limit_is_enforced_by_flow_control() {
     );
     assert!(tunnel.connection.close_reason().is_none());
 }
+
+#[tokio::test]
+async fn upstream_host_name_is_resolved() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let mut app = App::wiki(upstream);
+    app.upstream = format!("localhost:{}", upstream.port());
+    let gw = TestGateway::start("127.0.0.1:0", &[app], "").await;
+    let (_client, tunnel) = connect(gw.addr(), "DEV-0001", WIKI).await;
+    let (mut send, mut recv) = tunnel.open_stream().await.expect("open");
+    send.write_all(b"by name").await.expect("write");
+    send.finish().expect("finish");
+    let echoed = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(64))
+        .await
+        .expect("echo within 10 s")
+        .expect("read");
+    assert_eq!(echoed, b"by name");
+}
+
+#[tokio::test]
+async fn per_source_cap_refuses_extra_connection() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let gw = TestGateway::start(
+        "127.0.0.1:0",
+        &[App::wiki(upstream)],
+        "[limits]\nmax_connections_per_source = 1\n",
+    )
+    .await;
+    let (_client, _tunnel) = connect(gw.addr(), "DEV-0001", WIKI).await;
+    let client = device_client(gw.addr(), "DEV-0002", WIKI);
+    let second = client.connect(Duration::from_secs(10)).await;
+    assert!(
+        second.is_err(),
+        "a second connection from 127.0.0.1 must be refused"
+    );
+    assert_eq!(
+        gw.gateway
+            .shared()
+            .stats
+            .refused_by_cap
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
