@@ -4,11 +4,11 @@
 #
 # Usage: bash scripts/quickstart.sh
 #
-# Steps: install missing Debian packages (as root), build the release binary, write a
-# development PKI and a gateway config into a temporary directory, start a demo
-# upstream (python3 http.server), `ztgate serve` and `ztgate connect`, fetch the demo
-# page through the tunnel with curl, and show two devices that the gateway refuses.
-# Every process the script starts is stopped on exit.
+# The script installs missing Debian packages (as root), builds the release binary,
+# and writes a development PKI and a gateway config into a temporary directory. It
+# starts a demo upstream (python3 http.server), `ztgate serve` and `ztgate connect`,
+# fetches the demo page through the tunnel with curl, and shows two devices that the
+# gateway refuses. Every process the script starts is stopped on exit.
 #
 # Exits with status 0 when the page came through the tunnel and both refusals
 # happened, 1 otherwise. The temporary directory is removed on success and kept, with
@@ -225,9 +225,7 @@ main() {
     step "Starting the gateway (ztgate serve)"
     write_config "$upstream_port"
     "$ZTGATE" check-config "$WORK/ztgate.toml" | indent
-    # NO_COLOR=1 keeps ANSI colour codes out of the log file, because the text log
-    # format writes them even when stderr is not a terminal.
-    NO_COLOR=1 "$ZTGATE" serve --config "$WORK/ztgate.toml" >"$WORK/gateway.out" 2>"$WORK/gateway.log" &
+    "$ZTGATE" serve --config "$WORK/ztgate.toml" >"$WORK/gateway.out" 2>"$WORK/gateway.log" &
     local gateway_pid=$!
     PIDS+=("$gateway_pid")
     line=$(wait_for_line "$WORK/gateway.out" '^ztgate: listening quic ' "$gateway_pid" "ztgate serve" "$WORK/gateway.log")

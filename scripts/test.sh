@@ -37,7 +37,8 @@ install_missing_packages() {
         fail "missing packages: ${missing[*]}; run this script as root or run: sudo apt-get install ${missing[*]}"
     printf 'test.sh: installing %s\n' "${missing[*]}"
     apt-get update -q
-    # noninteractive keeps iperf3's debconf question (start a daemon?) at its default, no.
+    # The iperf3 package has a debconf question (start a daemon?), and noninteractive
+    # keeps its default answer, no.
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 }
 
