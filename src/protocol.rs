@@ -170,7 +170,11 @@ impl Code {
     pub fn is_transient(self) -> bool {
         matches!(
             self,
-            Code::GoingAway | Code::SessionExpired | Code::InternalError | Code::PolicyUnavailable
+            Code::GoingAway
+                | Code::SessionExpired
+                | Code::InternalError
+                | Code::PolicyUnavailable
+                | Code::ConnectionLimit
         )
     }
 }

@@ -173,3 +173,30 @@ async fn dual_stack_listener_records_canonical_ipv4() {
     assert_eq!(client.ip().to_string(), "127.0.0.1");
     assert_eq!(echo_once(&tunnel, b"v4").await, b"v4");
 }
+
+#[tokio::test]
+async fn reload_moving_upstream_applies_to_new_streams() {
+    let old_upstream = echo_server("127.0.0.1:0").await;
+    let new_upstream = banner_server().await;
+    let gw = TestGateway::start("127.0.0.1:0", &[App::wiki(old_upstream)], "").await;
+    let (_client, tunnel) = connect(gw.addr(), "DEV-0001", WIKI).await;
+    assert_eq!(echo_once(&tunnel, b"old").await, b"old");
+    rewrite_config(&gw.config, "127.0.0.1:0", &[App::wiki(new_upstream)], "");
+    gw.gateway.reload().await.expect("reload");
+    // The session is re-evaluated on the reload; poll until new streams reach
+    // the new upstream, which greets first.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_send, mut recv) = tunnel.open_stream().await.expect("open");
+        let mut banner = [0u8; 3];
+        let read =
+            tokio::time::timeout(Duration::from_millis(500), recv.read_exact(&mut banner)).await;
+        if matches!(read, Ok(Ok(()))) && &banner == b"220" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "new streams never reached the new upstream"
+        );
+    }
+}

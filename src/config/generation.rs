@@ -132,7 +132,7 @@ impl ConfigHandle {
     /// generation keeps serving. File reading runs on the blocking pool.
     pub async fn reload(&self) -> Result<Arc<Generation>, ConfigErrors> {
         let _serial = self.reload_lock.lock().await;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.next_id.load(Ordering::Relaxed);
         let path = self.path.clone();
         let loaded = tokio::task::spawn_blocking(move || load_generation(&path, id))
             .await
@@ -145,12 +145,21 @@ impl ConfigHandle {
             })?;
         match loaded {
             Ok(generation) => {
+                self.next_id.store(id + 1, Ordering::Relaxed);
                 let old = self.current();
                 if old.listen != generation.listen {
                     tracing::warn!(
                         old = ?old.listen,
                         new = ?generation.listen,
                         "gateway.listen changed; listen addresses take effect only after a restart"
+                    );
+                }
+                if old.log_level != generation.log_level {
+                    crate::telemetry::set_level(&generation.log_level);
+                }
+                if old.log_format != generation.log_format {
+                    tracing::warn!(
+                        "log.format changed; the log format takes effect only after a restart"
                     );
                 }
                 let generation = Arc::new(generation);

@@ -228,11 +228,7 @@ fn parse_listen(c: &mut Collector, key: &str, value: &str) -> Option<SocketAddr>
 }
 
 fn is_dotted_oid(value: &str) -> bool {
-    let parts: Vec<&str> = value.split('.').collect();
-    parts.len() >= 2
-        && parts
-            .iter()
-            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    der::asn1::ObjectIdentifier::new(value).is_ok()
 }
 
 fn build(

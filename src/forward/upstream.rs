@@ -57,6 +57,9 @@ impl Upstream {
         let hint =
             "write host:port, such as \"10.0.0.5:8080\", \"wiki.internal:80\" or \"[fd00::5]:22\"";
         if let Ok(addr) = value.parse::<SocketAddr>() {
+            if addr.port() == 0 {
+                return Err(format!("{value:?} has port 0; {hint}"));
+            }
             return Ok(Upstream {
                 host: addr.ip().to_string(),
                 port: addr.port(),

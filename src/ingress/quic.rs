@@ -37,7 +37,7 @@ fn transport_config(generation: &Generation) -> quinn::TransportConfig {
         .receive_window(varint(l.connection_receive_window))
         .send_window(l.send_window)
         .max_idle_timeout(quinn::IdleTimeout::try_from(t.idle).ok())
-        .keep_alive_interval(None);
+        .keep_alive_interval(Some(t.keep_alive));
     transport
 }
 
@@ -362,6 +362,7 @@ async fn run_admitted(
     }
     debug!(rule = admitted.decision.rule(), resumed, ca = %admitted.ca_name, "connection admitted");
 
+    let application = Arc::new(arc_swap::ArcSwap::new(admitted.application.clone()));
     let mut state = SessionState {
         chain,
         server_name: sni,
@@ -369,6 +370,7 @@ async fn run_admitted(
         client: remote,
         started,
         admitted,
+        application: application.clone(),
     };
     let mut close_rx = guard.close.clone();
     let mut shutdown = shared.shutdown.clone();
@@ -376,7 +378,7 @@ async fn run_admitted(
         connection.clone(),
         shared.clone(),
         guard.entry.clone(),
-        state.admitted.application.clone(),
+        application,
     );
     tokio::pin!(streams);
     let ending = tokio::select! {
@@ -451,9 +453,8 @@ async fn accept_streams(
     connection: quinn::Connection,
     shared: Arc<Shared>,
     entry: Arc<crate::session::SessionEntry>,
-    application: Arc<crate::config::Application>,
+    application: Arc<arc_swap::ArcSwap<crate::config::Application>>,
 ) {
-    let buffer = shared.config.current().limits.copy_buffer_bytes;
     loop {
         let (send, recv) = match connection.accept_bi().await {
             Ok(s) => s,
@@ -461,7 +462,8 @@ async fn accept_streams(
         };
         shared.stats.streams.fetch_add(1, Ordering::Relaxed);
         let entry = entry.clone();
-        let application = application.clone();
+        let application = application.load_full();
+        let buffer = shared.config.current().limits.copy_buffer_bytes;
         tokio::spawn(
             async move {
                 forward_stream(send, recv, &application, &entry, buffer).await;

@@ -35,7 +35,7 @@ pub fn bind_udp(addr: SocketAddr, buffers: UdpBuffers) -> std::io::Result<std::n
             granted_receive,
             requested_send = buffers.send,
             granted_send,
-            "UDP buffers are smaller than configured; raise net.core.rmem_max and net.core.wmem_max (see systemd/ for a sysctl.d drop-in)"
+            "UDP buffers are smaller than configured; raise net.core.rmem_max and net.core.wmem_max (systemd/99-ztgate-udp-buffers.conf is a sysctl.d drop-in that does so)"
         );
     } else {
         tracing::debug!(%addr, granted_receive, granted_send, "UDP buffers set");

@@ -2,11 +2,13 @@
 //! session, with re-evaluation when the decision expires or the config changes.
 
 use crate::admission::{self, AdmissionRequest, Admitted};
-use crate::config::ConfigHandle;
+use crate::config::{Application, ConfigHandle};
 use crate::policy::Transport;
 use crate::protocol::Code;
+use arc_swap::ArcSwap;
 use rustls::pki_types::CertificateDer;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 use tokio::sync::watch;
 
@@ -36,6 +38,9 @@ pub struct SessionState {
     pub client: SocketAddr,
     pub started: Instant,
     pub admitted: Admitted,
+    /// The application as of the latest evaluation; streams opened later
+    /// use it, so a reload that changes the upstream applies to them.
+    pub application: Arc<ArcSwap<Application>>,
 }
 
 /// Waits until the session must end and returns why. Re-evaluates the
@@ -118,6 +123,7 @@ async fn reevaluate(
                 rule = admitted.decision.rule(),
                 "session re-evaluated: allowed"
             );
+            state.application.store(admitted.application.clone());
             state.admitted = admitted;
             Ok(())
         }

@@ -2,26 +2,64 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
+use tracing_subscriber::EnvFilter;
+
+type LevelSetter = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
+
+static LEVEL_SETTER: OnceLock<LevelSetter> = OnceLock::new();
 
 /// Installs the global tracing subscriber. `RUST_LOG`, when set, overrides
-/// the configured level.
+/// the configured level for the life of the process.
 pub fn init(level: &str, format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let result = if format == "json" {
-        builder.json().try_init()
+        let builder = tracing_subscriber::fmt()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .with_filter_reloading();
+        let handle = builder.reload_handle();
+        let _ = LEVEL_SETTER.set(Box::new(move |f| {
+            handle.reload(f).map_err(|e| e.to_string())
+        }));
+        builder.try_init()
     } else {
+        let builder = tracing_subscriber::fmt()
+            .with_ansi(ansi)
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .with_filter_reloading();
+        let handle = builder.reload_handle();
+        let _ = LEVEL_SETTER.set(Box::new(move |f| {
+            handle.reload(f).map_err(|e| e.to_string())
+        }));
         builder.try_init()
     };
     if let Err(e) = result {
         eprintln!("ztgate: logging was already initialised: {e}");
+    }
+}
+
+/// Changes the log level at run time (on reload). Does nothing when
+/// `RUST_LOG` is set or logging was not set up through [`init`].
+pub fn set_level(level: &str) {
+    if std::env::var_os("RUST_LOG").is_some() {
+        return;
+    }
+    let Some(setter) = LEVEL_SETTER.get() else {
+        return;
+    };
+    match EnvFilter::try_new(level) {
+        Ok(filter) => match setter(filter) {
+            Ok(()) => tracing::info!(level, "log level changed"),
+            Err(e) => tracing::warn!(level, error = %e, "cannot change the log level"),
+        },
+        Err(e) => tracing::warn!(level, error = %e, "invalid log level; keeping the current one"),
     }
 }
 
