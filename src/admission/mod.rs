@@ -14,6 +14,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// How soon a decision made without the engine is evaluated again.
+pub const POLICY_FAILURE_RETRY: Duration = Duration::from_secs(10);
+
 /// Inputs of one admission.
 pub struct AdmissionRequest<'a> {
     /// The peer's chain, leaf first, as rustls stored it.
@@ -150,26 +153,31 @@ pub async fn admit(
         session: SessionInput {
             age_secs: age,
             previous_decision: req.previous,
+            posture: serde_json::Value::Object(serde_json::Map::new()),
         },
     };
     let policy = &generation.policy;
     let timeout = generation.timeouts.admission;
-    let decision = match tokio::time::timeout(timeout, policy.decide(&input)).await {
-        Ok(Ok(decision)) => decision,
-        Ok(Err(e)) => {
-            let mut r = Refused::new(Code::PolicyUnavailable, e.to_string());
-            r.device = Some(identity.device_id.clone());
-            r.application = Some(application.name.clone());
-            return Err(r);
+    let outcome = match tokio::time::timeout(timeout, policy.decide(&input)).await {
+        Ok(Ok(decision)) => Ok(decision),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "policy engine {} did not answer within {timeout:?}",
+            policy.engine()
+        )),
+    };
+    let decision = match outcome {
+        Ok(decision) => decision,
+        Err(message) if application.admit_on_policy_failure => {
+            tracing::warn!(device = %identity.device_id, app = %application.name, error = %message, "policy engine failed; admitting because the application admits on policy failure");
+            Decision::Allow {
+                lifetime: POLICY_FAILURE_RETRY,
+                max_session: None,
+                rule: "on-policy-failure:admit".into(),
+            }
         }
-        Err(_) => {
-            let mut r = Refused::new(
-                Code::PolicyUnavailable,
-                format!(
-                    "policy engine {} did not answer within {timeout:?}",
-                    policy.engine()
-                ),
-            );
+        Err(message) => {
+            let mut r = Refused::new(Code::PolicyUnavailable, message);
             r.device = Some(identity.device_id.clone());
             r.application = Some(application.name.clone());
             return Err(r);

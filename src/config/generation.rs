@@ -21,6 +21,8 @@ pub struct Application {
     pub server_name: String,
     pub upstream: Arc<Upstream>,
     pub labels: BTreeMap<String, String>,
+    /// Admit new connections when the policy engine fails, instead of refusing.
+    pub admit_on_policy_failure: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -31,6 +33,8 @@ pub struct Timeouts {
     pub admission: Duration,
     pub drain: Duration,
     pub max_session: Option<Duration>,
+    /// How long a live session keeps an expired allow while the engine fails.
+    pub policy_failure_grace: Duration,
 }
 
 #[derive(Debug, Clone)]

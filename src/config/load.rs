@@ -4,7 +4,10 @@ use super::generation::{Application, Generation, Limits, Timeouts};
 use super::schema::{RawAccess, RawConfig};
 use crate::forward::Upstream;
 use crate::identity::{DeviceCa, TrustStore};
-use crate::policy::{AccessRules, BuiltinPolicy};
+use crate::policy::{
+    AccessRules, BuiltinPolicy, CachedPolicy, OpaPolicy, OpaSettings, PolicyClient, RegoPolicy,
+    ShadowPolicy,
+};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::collections::{HashMap, HashSet};
@@ -430,16 +433,11 @@ fn build(
     };
 
     // Policy settings.
-    if raw.policy.engine != "builtin" {
-        c.push(
-            "policy.engine",
-            format!(
-                "unknown engine {:?}; supported: \"builtin\"",
-                raw.policy.engine
-            ),
-        );
-    }
-    if raw.policy.decision_lifetime_secs == 0 {
+    let decision_lifetime = raw
+        .policy
+        .decision_lifetime_secs
+        .unwrap_or_else(super::schema::defaults::decision_lifetime_secs);
+    if decision_lifetime == 0 {
         c.push("policy.decision_lifetime_secs", "must be greater than 0");
     }
 
@@ -461,6 +459,12 @@ fn build(
     }
 
     // Applications.
+    let builtin_used = EngineSpec::enforced(&raw.policy).engine == "builtin"
+        || raw
+            .policy
+            .shadow
+            .as_ref()
+            .is_some_and(|s| s.engine == "builtin");
     let mut applications = HashMap::new();
     let mut names = HashSet::new();
     let mut rules = HashMap::new();
@@ -512,13 +516,27 @@ fn build(
                 None
             }
         };
-        check_access(c, i, &app.access, &ca_names);
+        if builtin_used {
+            check_access(c, i, &app.access, &ca_names);
+        }
         if let Some(upstream) = upstream {
+            let admit_on_policy_failure = match app.on_policy_failure.as_deref() {
+                None | Some("refuse") => false,
+                Some("admit") => true,
+                Some(other) => {
+                    c.push(
+                        key("on_policy_failure"),
+                        format!("{other:?} is not \"refuse\" or \"admit\""),
+                    );
+                    false
+                }
+            };
             let application = Arc::new(Application {
                 name: app.name.clone(),
                 server_name: server_name.clone(),
                 upstream,
                 labels: app.labels.clone(),
+                admit_on_policy_failure,
             });
             rules.insert(app.name.clone(), AccessRules::from_raw(&app.access));
             applications.insert(server_name, application);
@@ -534,10 +552,26 @@ fn build(
     if !c.errors.is_empty() {
         return None;
     }
-    let policy = Arc::new(BuiltinPolicy::new(
-        rules,
-        Duration::from_secs(raw.policy.decision_lifetime_secs),
-    ));
+    let lifetime = Duration::from_secs(decision_lifetime);
+    let enforced = build_engine(
+        c,
+        base,
+        &EngineSpec::enforced(&raw.policy),
+        &rules,
+        lifetime,
+    )?;
+    let engine: Arc<dyn crate::policy::PolicyClient> = match &raw.policy.shadow {
+        Some(shadow) => {
+            let candidate = build_engine(c, base, &EngineSpec::shadow(shadow), &rules, lifetime)?;
+            Arc::new(ShadowPolicy::new(enforced, candidate))
+        }
+        None => enforced,
+    };
+    let cache_size = raw
+        .policy
+        .cache_size
+        .unwrap_or_else(super::schema::defaults::cache_size);
+    let policy = Arc::new(CachedPolicy::new(engine, cache_size));
     Some(Generation {
         id,
         source: source.to_path_buf(),
@@ -559,6 +593,11 @@ fn build(
             drain: Duration::from_secs(g.drain_secs),
             max_session: (raw.policy.max_session_secs > 0)
                 .then(|| Duration::from_secs(raw.policy.max_session_secs)),
+            policy_failure_grace: Duration::from_secs(
+                raw.policy
+                    .failure_grace_secs
+                    .unwrap_or_else(super::schema::defaults::failure_grace_secs),
+            ),
         },
         limits: Limits {
             max_streams_per_connection: l.max_streams_per_connection,
@@ -630,5 +669,139 @@ fn check_access(c: &mut Collector, i: usize, access: &RawAccess, ca_names: &Hash
             format!("application[{i}].access.allow_any_device"),
             "cannot be combined with spiffe_prefixes or permanent_identifiers; choose one",
         );
+    }
+}
+
+/// One engine's settings, from `[policy]` or `[policy.shadow]`.
+struct EngineSpec<'a> {
+    prefix: &'static str,
+    engine: String,
+    rego_files: &'a [String],
+    data_file: Option<&'a str>,
+    rule: Option<&'a str>,
+    opa_url: Option<&'a str>,
+    opa_path: Option<&'a str>,
+    opa_timeout_ms: Option<u64>,
+    opa_retries: Option<u32>,
+    opa_retry_backoff_ms: Option<u64>,
+    opa_circuit_failures: Option<u32>,
+    opa_circuit_open_secs: Option<u64>,
+}
+
+macro_rules! engine_spec {
+    ($prefix:expr, $engine:expr, $raw:expr) => {
+        EngineSpec {
+            prefix: $prefix,
+            engine: $engine,
+            rego_files: &$raw.rego_files,
+            data_file: $raw.data_file.as_deref(),
+            rule: $raw.rule.as_deref(),
+            opa_url: $raw.opa_url.as_deref(),
+            opa_path: $raw.opa_path.as_deref(),
+            opa_timeout_ms: $raw.opa_timeout_ms,
+            opa_retries: $raw.opa_retries,
+            opa_retry_backoff_ms: $raw.opa_retry_backoff_ms,
+            opa_circuit_failures: $raw.opa_circuit_failures,
+            opa_circuit_open_secs: $raw.opa_circuit_open_secs,
+        }
+    };
+}
+
+impl<'a> EngineSpec<'a> {
+    fn enforced(raw: &'a super::schema::RawPolicy) -> EngineSpec<'a> {
+        let engine = raw.engine.clone().unwrap_or_else(|| {
+            if raw.rego_files.is_empty() {
+                "builtin".into()
+            } else {
+                "rego".into()
+            }
+        });
+        engine_spec!("policy", engine, raw)
+    }
+
+    fn shadow(raw: &'a super::schema::RawShadow) -> EngineSpec<'a> {
+        engine_spec!("policy.shadow", raw.engine.clone(), raw)
+    }
+}
+
+fn build_engine(
+    c: &mut Collector,
+    base: &Path,
+    spec: &EngineSpec<'_>,
+    rules: &HashMap<String, AccessRules>,
+    lifetime: Duration,
+) -> Option<Arc<dyn PolicyClient>> {
+    let key = |field: &str| format!("{}.{field}", spec.prefix);
+    let rego_only = !spec.rego_files.is_empty() || spec.data_file.is_some();
+    let opa_only = spec.opa_url.is_some() || spec.opa_path.is_some();
+    match spec.engine.as_str() {
+        "builtin" => {
+            if rego_only || opa_only {
+                c.push(
+                    key("engine"),
+                    "the builtin engine takes no rego_* or opa_* keys; set engine = \"rego\" or \"opa\", or remove them",
+                );
+                return None;
+            }
+            Some(Arc::new(BuiltinPolicy::new(rules.clone(), lifetime)))
+        }
+        "rego" => {
+            if spec.rego_files.is_empty() {
+                c.push(
+                    key("rego_files"),
+                    "list at least one .rego file for the rego engine",
+                );
+                return None;
+            }
+            let files: Vec<PathBuf> = spec.rego_files.iter().map(|f| resolve(base, f)).collect();
+            let data = spec.data_file.map(|f| resolve(base, f));
+            let rule = spec
+                .rule
+                .map(str::to_string)
+                .unwrap_or_else(super::schema::defaults::rule);
+            match RegoPolicy::load(&files, data.as_deref(), &rule, lifetime) {
+                Ok(policy) => Some(Arc::new(policy)),
+                Err(e) => {
+                    c.push(key("rego_files"), e);
+                    None
+                }
+            }
+        }
+        "opa" => {
+            let Some(url) = spec.opa_url else {
+                c.push(
+                    key("opa_url"),
+                    "the opa engine needs opa_url, such as \"http://127.0.0.1:8181\"",
+                );
+                return None;
+            };
+            let settings = OpaSettings {
+                url: url.to_string(),
+                path: spec
+                    .opa_path
+                    .map(str::to_string)
+                    .unwrap_or_else(super::schema::defaults::opa_path),
+                timeout: Duration::from_millis(spec.opa_timeout_ms.unwrap_or(500).max(1)),
+                retries: spec.opa_retries.unwrap_or(1),
+                retry_backoff: Duration::from_millis(spec.opa_retry_backoff_ms.unwrap_or(50)),
+                circuit_failures: spec.opa_circuit_failures.unwrap_or(5).max(1),
+                circuit_open: Duration::from_secs(spec.opa_circuit_open_secs.unwrap_or(10)),
+                default_lifetime: lifetime,
+            };
+            match OpaPolicy::new(settings) {
+                Ok(policy) => Some(Arc::new(policy)),
+                Err(e) => {
+                    c.push(key("opa_url"), e);
+                    None
+                }
+            }
+        }
+        other => {
+            c.push(
+                key("engine"),
+                format!("unknown engine {other:?}; use \"builtin\", \"rego\" or \"opa\""),
+            );
+            None
+        }
     }
 }

@@ -89,26 +89,77 @@ pub struct RawIdentity {
     pub hardware_bound_oid: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 pub struct RawPolicy {
-    #[serde(default = "defaults::engine")]
-    pub engine: String,
-    /// How long a built-in allow decision holds before it is evaluated again.
-    #[serde(default = "defaults::decision_lifetime_secs")]
-    pub decision_lifetime_secs: u64,
+    /// "builtin", "rego" or "opa"; without it, "rego" when `rego_files` is
+    /// set and "builtin" otherwise.
+    #[serde(default)]
+    pub engine: Option<String>,
+    /// How long an allow holds before it is evaluated again, when the
+    /// engine's decision does not say.
+    #[serde(default)]
+    pub decision_lifetime_secs: Option<u64>,
     /// Longest a session may live, whatever the decisions say; 0 for no limit.
     #[serde(default)]
     pub max_session_secs: u64,
+    /// Decisions kept in the cache; 0 turns the cache off.
+    #[serde(default)]
+    pub cache_size: Option<usize>,
+    /// How long a live session keeps an expired allow while the engine fails.
+    #[serde(default)]
+    pub failure_grace_secs: Option<u64>,
+    #[serde(default)]
+    pub rego_files: Vec<String>,
+    #[serde(default)]
+    pub data_file: Option<String>,
+    /// The rule whose value is the decision document.
+    #[serde(default)]
+    pub rule: Option<String>,
+    #[serde(default)]
+    pub opa_url: Option<String>,
+    /// Data path under `/v1/data/`.
+    #[serde(default)]
+    pub opa_path: Option<String>,
+    #[serde(default)]
+    pub opa_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub opa_retries: Option<u32>,
+    #[serde(default)]
+    pub opa_retry_backoff_ms: Option<u64>,
+    #[serde(default)]
+    pub opa_circuit_failures: Option<u32>,
+    #[serde(default)]
+    pub opa_circuit_open_secs: Option<u64>,
+    /// A candidate policy evaluated beside the enforced one, never enforced.
+    #[serde(default)]
+    pub shadow: Option<RawShadow>,
 }
 
-impl Default for RawPolicy {
-    fn default() -> Self {
-        RawPolicy {
-            engine: defaults::engine(),
-            decision_lifetime_secs: defaults::decision_lifetime_secs(),
-            max_session_secs: 0,
-        }
-    }
+#[derive(Debug, Clone, Deserialize)]
+pub struct RawShadow {
+    pub engine: String,
+    #[serde(default)]
+    pub rego_files: Vec<String>,
+    #[serde(default)]
+    pub data_file: Option<String>,
+    /// The rule whose value is the decision document.
+    #[serde(default)]
+    pub rule: Option<String>,
+    #[serde(default)]
+    pub opa_url: Option<String>,
+    /// Data path under `/v1/data/`.
+    #[serde(default)]
+    pub opa_path: Option<String>,
+    #[serde(default)]
+    pub opa_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub opa_retries: Option<u32>,
+    #[serde(default)]
+    pub opa_retry_backoff_ms: Option<u64>,
+    #[serde(default)]
+    pub opa_circuit_failures: Option<u32>,
+    #[serde(default)]
+    pub opa_circuit_open_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -149,6 +200,10 @@ pub struct RawApplication {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub access: RawAccess,
+    /// "refuse" (the default) or "admit" new connections when the policy
+    /// engine fails.
+    #[serde(default)]
+    pub on_policy_failure: Option<String>,
 }
 
 /// Rules of the built-in policy engine for one application.
@@ -223,11 +278,20 @@ pub mod defaults {
     pub fn copy_buffer() -> usize {
         64 * 1024
     }
-    pub fn engine() -> String {
-        "builtin".to_string()
-    }
     pub fn decision_lifetime_secs() -> u64 {
         300
+    }
+    pub fn cache_size() -> usize {
+        10_000
+    }
+    pub fn failure_grace_secs() -> u64 {
+        60
+    }
+    pub fn rule() -> String {
+        "data.ztgate.decision".to_string()
+    }
+    pub fn opa_path() -> String {
+        "ztgate/decision".to_string()
     }
     pub fn log_level() -> String {
         "info".to_string()

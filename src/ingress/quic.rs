@@ -371,6 +371,7 @@ async fn run_admitted(
         started,
         admitted,
         application: application.clone(),
+        policy_outage_since: None,
     };
     let mut close_rx = guard.close.clone();
     let mut shutdown = shared.shutdown.clone();

@@ -3,8 +3,18 @@
 //! behind it.
 
 mod builtin;
+mod cache;
+mod opa;
+mod output;
+mod rego;
+mod shadow;
 
 pub use builtin::{AccessRules, BuiltinPolicy};
+pub use cache::CachedPolicy;
+pub use opa::{OpaPolicy, OpaSettings};
+pub use output::decision_from_json;
+pub use rego::RegoPolicy;
+pub use shadow::ShadowPolicy;
 
 use crate::identity::DeviceIdentity;
 use serde::Serialize;
@@ -53,6 +63,8 @@ pub struct NetworkInput {
 pub struct SessionInput {
     pub age_secs: u64,
     pub previous_decision: Option<&'static str>,
+    /// Attributes pushed for the device through the admin API (an object).
+    pub posture: serde_json::Value,
 }
 
 /// Everything a policy engine may base a decision on.
@@ -113,7 +125,7 @@ impl Decision {
 }
 
 /// Why an engine could not decide.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
     #[error("policy engine {engine} failed: {message}")]
     Engine {

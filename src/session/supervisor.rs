@@ -1,7 +1,7 @@
 //! The session supervisor: one select over everything that can end a
 //! session, with re-evaluation when the decision expires or the config changes.
 
-use crate::admission::{self, AdmissionRequest, Admitted};
+use crate::admission::{self, AdmissionRequest, Admitted, Deadline};
 use crate::config::{Application, ConfigHandle};
 use crate::policy::Transport;
 use crate::protocol::Code;
@@ -41,6 +41,8 @@ pub struct SessionState {
     /// The application as of the latest evaluation; streams opened later
     /// use it, so a reload that changes the upstream applies to them.
     pub application: Arc<ArcSwap<Application>>,
+    /// When the policy engine started failing for this session, if it is failing.
+    pub policy_outage_since: Option<Instant>,
 }
 
 /// Waits until the session must end and returns why. Re-evaluates the
@@ -118,6 +120,7 @@ async fn reevaluate(
     };
     match admission::admit(&generation, &request).await {
         Ok(admitted) => {
+            state.policy_outage_since = None;
             tracing::debug!(
                 trigger,
                 rule = admitted.decision.rule(),
@@ -125,6 +128,28 @@ async fn reevaluate(
             );
             state.application.store(admitted.application.clone());
             state.admitted = admitted;
+            Ok(())
+        }
+        Err(refusal) if refusal.code == Code::PolicyUnavailable => {
+            // The engine is failing: keep the last allow for the grace period,
+            // trying again meanwhile, then close.
+            let grace = generation.timeouts.policy_failure_grace;
+            let since = *state.policy_outage_since.get_or_insert_with(Instant::now);
+            let left = grace.saturating_sub(since.elapsed());
+            if left.is_zero() {
+                tracing::info!(trigger, reason = %refusal.reason, grace = ?grace, "policy engine still failing after the grace period; closing the session");
+                return Err(CloseRequest {
+                    code: refusal.code,
+                    reason: refusal.reason,
+                    remediation: None,
+                });
+            }
+            tracing::warn!(trigger, reason = %refusal.reason, grace_left = ?left, "policy engine failing; the session keeps its last decision for now");
+            state.admitted.deadline = Some(Deadline {
+                at: Instant::now() + left.min(admission::POLICY_FAILURE_RETRY),
+                reevaluate: true,
+                reason: "policy engine failing".into(),
+            });
             Ok(())
         }
         Err(refusal) => {
