@@ -1,0 +1,493 @@
+//! Policy engines through the gateway: the example Rego policy, an OPA REST
+//! API server, the decision cache, shadow mode and engine failures.
+
+mod common;
+
+use common::*;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use ztgate::client::Ending;
+use ztgate::protocol::Code;
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// Writes the example data with working hours and networks chosen by the
+/// test, so outcomes never depend on the time of day the test runs.
+fn example_data(dir: &Path, working_hours: (u32, u32), office: &str) -> PathBuf {
+    let text = std::fs::read_to_string(repo("config/policy-data.json")).expect("example data");
+    let mut data: serde_json::Value = serde_json::from_str(&text).expect("json");
+    data["access"]["working_hours"] =
+        serde_json::json!({"start": working_hours.0, "end": working_hours.1});
+    data["access"]["networks"]["office"] = serde_json::json!([office]);
+    let path = dir.join("policy-data.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&data).expect("encode")).expect("write data");
+    path
+}
+
+fn rego_policy_section(data: &Path) -> String {
+    format!(
+        "[policy]\nengine = \"rego\"\nrego_files = [\"{}\"]\ndata_file = \"{}\"\n",
+        repo("config/policy.rego").display(),
+        data.display()
+    )
+}
+
+fn app(name: &'static str, upstream: SocketAddr, sensitivity: &str) -> App {
+    App {
+        name,
+        server_name: format!("{name}.apps.example.test"),
+        upstream: upstream.to_string(),
+        access: String::new(),
+    }
+    .with_labels(sensitivity)
+}
+
+trait WithLabels {
+    fn with_labels(self, sensitivity: &str) -> App;
+}
+
+impl WithLabels for App {
+    fn with_labels(mut self, sensitivity: &str) -> App {
+        // The access table is unused by the Rego engine; the labels table
+        // follows the application's keys.
+        self.access = String::new();
+        self.upstream = format!(
+            "{}\"\n[application.labels]\nsensitivity = \"{sensitivity}",
+            self.upstream
+        );
+        self
+    }
+}
+
+fn assert_refused(ending: &Ending, code: Code, reason_part: &str) {
+    match ending {
+        Ending::Refused {
+            code: Some(c),
+            message,
+        } => {
+            assert_eq!(*c, code, "{message}");
+            assert!(message.contains(reason_part), "{message}");
+        }
+        other => panic!("expected {code}, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn example_rego_allows_denies_and_steps_up() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let dir = tempfile::tempdir().expect("dir");
+    // Working hours never, and 127.0.0.0/8 is not an office network: every
+    // connection from loopback must step up unless posture says otherwise.
+    let after_hours = example_data(dir.path(), (0, 0), "10.20.0.0/16");
+    let gw = TestGateway::start(
+        "127.0.0.1:0",
+        &[
+            app("wiki", upstream, "medium"),
+            app("vault", upstream, "high"),
+        ],
+        &rego_policy_section(&after_hours),
+    )
+    .await;
+    let step_up = refusal(gw.addr(), "DEV-0001", "wiki.apps.example.test").await;
+    assert_refused(
+        &step_up,
+        Code::StepUpRequired,
+        "https://idp.example.test/step-up",
+    );
+
+    // The office network now contains loopback: allow, deny by grant and by
+    // hardware binding.
+    let in_office = example_data(dir.path(), (0, 0), "127.0.0.0/8");
+    let text = std::fs::read_to_string(&gw.config).expect("config");
+    std::fs::write(
+        &gw.config,
+        text.replace(
+            &after_hours.display().to_string(),
+            &in_office.display().to_string(),
+        ),
+    )
+    .expect("write");
+    gw.gateway.reload().await.expect("reload");
+    let (_c, tunnel) = connect(gw.addr(), "DEV-0001", "wiki.apps.example.test").await;
+    assert_eq!(tunnel.admitted.application, "wiki");
+    let (_c, vault) = connect(gw.addr(), "DEV-0001", "vault.apps.example.test").await;
+    assert_eq!(vault.admitted.application, "vault");
+    // DEV-0003 is in sales, which is not granted the high-sensitivity vault.
+    let denied = refusal(gw.addr(), "DEV-0003", "vault.apps.example.test").await;
+    assert_refused(&denied, Code::PolicyDenied, "no group of device");
+    // DEV-0002 is in the inventory and allowed.
+    let (_c, _t) = connect(gw.addr(), "DEV-0002", "wiki.apps.example.test").await;
+
+    // Put DEV-0003 (no hardware-bound key) in engineering: the high
+    // sensitivity vault now denies it for the missing hardware binding.
+    let mut data: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&in_office).expect("read")).expect("json");
+    data["access"]["devices"]["spiffe://example.test/device/DEV-0003"]["groups"] =
+        serde_json::json!(["engineering"]);
+    std::fs::write(&in_office, serde_json::to_vec(&data).expect("encode")).expect("write");
+    gw.gateway.reload().await.expect("reload");
+    let unbound = refusal(gw.addr(), "DEV-0003", "vault.apps.example.test").await;
+    assert_refused(
+        &unbound,
+        Code::PolicyDenied,
+        "requires a hardware-bound key",
+    );
+}
+
+#[tokio::test]
+async fn rego_syntax_error_names_file_and_line() {
+    let dir = tempfile::tempdir().expect("dir");
+    let broken = dir.path().join("broken.rego");
+    std::fs::write(
+        &broken,
+        "package ztgate\n\nimport rego.v1\n\ndecision := {\"outcome\": \"allow\"\n",
+    )
+    .expect("write");
+    let (_cfg, path) = write_config(
+        "127.0.0.1:0",
+        &[app("wiki", "127.0.0.1:9".parse().expect("addr"), "low")],
+        &format!(
+            "[policy]\nengine = \"rego\"\nrego_files = [\"{}\"]\n",
+            broken.display()
+        ),
+    );
+    let errors = ztgate::config::load_generation(&path, 1).expect_err("syntax error rejected");
+    let text = errors.to_string();
+    assert!(text.contains("policy.rego_files"), "{text}");
+    assert!(text.contains("broken.rego"), "{text}");
+    assert!(
+        text.contains(":5") || text.contains("line 5") || text.contains(":6"),
+        "no line number in: {text}"
+    );
+}
+
+#[tokio::test]
+async fn rego_reload_with_syntax_error_keeps_old_policy() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let dir = tempfile::tempdir().expect("dir");
+    let data = example_data(dir.path(), (0, 24), "10.20.0.0/16");
+    let policy = dir.path().join("policy.rego");
+    std::fs::copy(repo("config/policy.rego"), &policy).expect("copy policy");
+    let section = format!(
+        "[policy]\nengine = \"rego\"\nrego_files = [\"{}\"]\ndata_file = \"{}\"\n",
+        policy.display(),
+        data.display()
+    );
+    let gw = TestGateway::start("127.0.0.1:0", &[app("wiki", upstream, "low")], &section).await;
+    let (_c, _t) = connect(gw.addr(), "DEV-0001", "wiki.apps.example.test").await;
+    std::fs::write(&policy, "package ztgate\ndecision := {").expect("break policy");
+    let errors = gw
+        .gateway
+        .reload()
+        .await
+        .expect_err("broken policy rejected at reload");
+    assert!(errors.to_string().contains("policy.rego"), "{errors}");
+    let (_c2, _t2) = connect(gw.addr(), "DEV-0002", "wiki.apps.example.test").await;
+}
+
+#[tokio::test]
+async fn policy_reload_closes_live_session() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let dir = tempfile::tempdir().expect("dir");
+    let data = example_data(dir.path(), (0, 24), "10.20.0.0/16");
+    let gw = TestGateway::start(
+        "127.0.0.1:0",
+        &[app("wiki", upstream, "low")],
+        &rego_policy_section(&data),
+    )
+    .await;
+    let (_c, mut tunnel) = connect(gw.addr(), "DEV-0001", "wiki.apps.example.test").await;
+    // Remove DEV-0001 from the inventory and reload.
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&data).expect("read")).expect("json");
+    value["access"]["devices"]
+        .as_object_mut()
+        .expect("devices")
+        .remove("spiffe://example.test/device/DEV-0001");
+    std::fs::write(&data, serde_json::to_vec(&value).expect("encode")).expect("write");
+    gw.gateway.reload().await.expect("reload");
+    let ending = tokio::time::timeout(Duration::from_secs(10), tunnel.ended())
+        .await
+        .expect("closed");
+    assert_refused(&ending, Code::PolicyDenied, "not in the inventory");
+    let new = refusal(gw.addr(), "DEV-0001", "wiki.apps.example.test").await;
+    assert_refused(&new, Code::PolicyDenied, "not in the inventory");
+}
+
+/// How the fake OPA server answers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OpaMode {
+    Allow,
+    Deny,
+    Malformed,
+    Hang,
+}
+
+/// A server of the OPA REST Data API's shape: POST /v1/data/ztgate/decision.
+struct FakeOpa {
+    addr: SocketAddr,
+    mode: Arc<std::sync::Mutex<OpaMode>>,
+    requests: Arc<AtomicUsize>,
+    last_input: Arc<std::sync::Mutex<serde_json::Value>>,
+}
+
+impl FakeOpa {
+    async fn start() -> FakeOpa {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mode = Arc::new(std::sync::Mutex::new(OpaMode::Allow));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let last_input = Arc::new(std::sync::Mutex::new(serde_json::Value::Null));
+        let (m, r, l) = (mode.clone(), requests.clone(), last_input.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (m, r, l) = (m.clone(), r.clone(), l.clone());
+                tokio::spawn(async move { serve_opa(tcp, m, r, l).await });
+            }
+        });
+        FakeOpa {
+            addr,
+            mode,
+            requests,
+            last_input,
+        }
+    }
+
+    fn set(&self, mode: OpaMode) {
+        *self.mode.lock().expect("lock") = mode;
+    }
+}
+
+async fn serve_opa(
+    mut tcp: tokio::net::TcpStream,
+    mode: Arc<std::sync::Mutex<OpaMode>>,
+    requests: Arc<AtomicUsize>,
+    last_input: Arc<std::sync::Mutex<serde_json::Value>>,
+) {
+    loop {
+        // Read one request: headers, then Content-Length bytes.
+        let mut buf = Vec::new();
+        let header_end = loop {
+            let mut chunk = [0u8; 4096];
+            let n = match tcp.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break pos + 4;
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..header_end]).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap_or(0))
+            })
+            .unwrap_or(0);
+        while buf.len() < header_end + length {
+            let mut chunk = [0u8; 4096];
+            match tcp.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        assert!(
+            head.starts_with("post /v1/data/ztgate/decision "),
+            "unexpected request: {head}"
+        );
+        requests.fetch_add(1, Ordering::SeqCst);
+        let body: serde_json::Value =
+            serde_json::from_slice(&buf[header_end..header_end + length]).unwrap_or_default();
+        *last_input.lock().expect("lock") = body["input"].clone();
+        let current = *mode.lock().expect("lock");
+        let answer = match current {
+            OpaMode::Allow => r#"{"result":{"outcome":"allow","rule":"opa-allow","lifetime_secs":2}}"#.to_string(),
+            OpaMode::Deny => r#"{"result":{"outcome":"deny","rule":"opa-deny","reason":"denied by the test OPA"}}"#.to_string(),
+            OpaMode::Malformed => "{\"result\": {\"outcome\": ".to_string(),
+            OpaMode::Hang => {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                return;
+            }
+        };
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
+            answer.len()
+        );
+        if tcp.write_all(response.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn opa_section(opa: SocketAddr, extra: &str) -> String {
+    format!(
+        "[policy]\nengine = \"opa\"\nopa_url = \"http://{opa}\"\nopa_timeout_ms = 300\nopa_retries = 0\nopa_circuit_failures = 100\nfailure_grace_secs = 2\n{extra}"
+    )
+}
+
+#[tokio::test]
+async fn opa_decisions_flow_and_failures_refuse() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let opa = FakeOpa::start().await;
+    let gw = TestGateway::start(
+        "127.0.0.1:0",
+        &[app("wiki", upstream, "low")],
+        &opa_section(opa.addr, "cache_size = 0\n"),
+    )
+    .await;
+    let (_c, _t) = connect(gw.addr(), "DEV-0001", "wiki.apps.example.test").await;
+    let input = opa.last_input.lock().expect("lock").clone();
+    assert_eq!(
+        input["device"]["device_id"],
+        "spiffe://example.test/device/DEV-0001"
+    );
+    assert_eq!(input["application"]["name"], "wiki");
+    assert_eq!(input["application"]["labels"]["sensitivity"], "low");
+    assert_eq!(input["network"]["client_address"], "127.0.0.1");
+    assert_eq!(input["network"]["transport"], "quic");
+    assert_eq!(input["issuing_ca"], "dev-devices");
+    assert!(
+        input["time"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{input}"
+    );
+
+    opa.set(OpaMode::Deny);
+    let denied = refusal(gw.addr(), "DEV-0002", "wiki.apps.example.test").await;
+    assert_refused(&denied, Code::PolicyDenied, "denied by the test OPA");
+
+    opa.set(OpaMode::Malformed);
+    let malformed = refusal(gw.addr(), "DEV-0002", "wiki.apps.example.test").await;
+    assert!(
+        matches!(&malformed, Ending::Transient(m) if m.contains("invalid JSON")),
+        "{malformed:?}"
+    );
+
+    opa.set(OpaMode::Hang);
+    let hung = refusal(gw.addr(), "DEV-0002", "wiki.apps.example.test").await;
+    assert!(
+        matches!(&hung, Ending::Transient(m) if m.starts_with(Code::PolicyUnavailable.sentence())),
+        "{hung:?}"
+    );
+}
+
+#[tokio::test]
+async fn opa_outage_honours_cache_then_grace() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let opa = FakeOpa::start().await;
+    let gw = TestGateway::start(
+        "127.0.0.1:0",
+        &[app("wiki", upstream, "low")],
+        &opa_section(opa.addr, ""),
+    )
+    .await;
+    let (_c, mut tunnel) = connect(gw.addr(), "DEV-0001", "wiki.apps.example.test").await;
+    let before = opa.requests.load(Ordering::SeqCst);
+    // The engine goes down; the cached allow (lifetime 2 s) still admits.
+    opa.set(OpaMode::Hang);
+    let (_c2, _t2) = connect(gw.addr(), "DEV-0001", "wiki.apps.example.test").await;
+    assert_eq!(
+        opa.requests.load(Ordering::SeqCst),
+        before,
+        "answered from the cache"
+    );
+    // The live session's decision expires at 2 s; with a 2 s grace the
+    // session is closed within a few seconds after that.
+    let started = std::time::Instant::now();
+    let ending = tokio::time::timeout(Duration::from_secs(20), tunnel.ended())
+        .await
+        .expect("closed");
+    assert!(
+        matches!(&ending, Ending::Transient(m) if m.starts_with(Code::PolicyUnavailable.sentence())),
+        "{ending:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "closed only after expiry and grace"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_identical_requests_share_one_evaluation() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let opa = FakeOpa::start().await;
+    let gw = TestGateway::start(
+        "127.0.0.1:0",
+        &[app("wiki", upstream, "low")],
+        &opa_section(opa.addr, "[limits]\nmax_connections_per_device = 64\n"),
+    )
+    .await;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let addr = gw.addr();
+        tasks.push(tokio::spawn(async move {
+            connect(addr, "DEV-0001", "wiki.apps.example.test").await
+        }));
+    }
+    let mut kept = Vec::new();
+    for t in tasks {
+        kept.push(t.await.expect("task"));
+    }
+    assert_eq!(
+        opa.requests.load(Ordering::SeqCst),
+        1,
+        "eight identical requests, one evaluation"
+    );
+}
+
+#[tokio::test]
+async fn shadow_mode_logs_disagreement_and_enforces_only_enforced() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let opa = FakeOpa::start().await;
+    opa.set(OpaMode::Deny);
+    let shadow = format!(
+        "[policy.shadow]\nengine = \"opa\"\nopa_url = \"http://{}\"\nopa_timeout_ms = 300\nopa_retries = 0\n",
+        opa.addr
+    );
+    let mut wiki = App::wiki(upstream);
+    wiki.access.push('\n');
+    let gw = TestGateway::start("127.0.0.1:0", &[wiki], &shadow).await;
+    let (_c, _t) = connect(gw.addr(), "DEV-0001", WIKI).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while opa.requests.load(Ordering::SeqCst) == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        opa.requests.load(Ordering::SeqCst),
+        1,
+        "the candidate was evaluated"
+    );
+}
+
+#[tokio::test]
+async fn undefined_decision_is_refused_not_crashed() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let dir = tempfile::tempdir().expect("dir");
+    let policy = dir.path().join("partial.rego");
+    std::fs::write(
+        &policy,
+        "package ztgate\n\nimport rego.v1\n\ndecision := {\"outcome\": \"allow\"} if input.device.never_set == 42\n",
+    )
+    .expect("write");
+    let section = format!(
+        "[policy]\nengine = \"rego\"\nrego_files = [\"{}\"]\n",
+        policy.display()
+    );
+    let gw = TestGateway::start("127.0.0.1:0", &[app("wiki", upstream, "low")], &section).await;
+    let ending = refusal(gw.addr(), "DEV-0001", "wiki.apps.example.test").await;
+    assert!(
+        matches!(&ending, Ending::Transient(m) if m.contains("undefined")),
+        "{ending:?}"
+    );
+    // The gateway keeps serving.
+    let again = refusal(gw.addr(), "DEV-0002", "wiki.apps.example.test").await;
+    assert!(matches!(again, Ending::Transient(_)));
+}
