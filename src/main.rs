@@ -106,7 +106,7 @@ fn main() -> ExitCode {
             max_backoff_secs,
         } => {
             if std::env::var_os("RUST_LOG").is_some() {
-                ztgate::telemetry::init("warn", "text");
+                ztgate::telemetry::init("warn", "text", &ztgate::telemetry::AuditSink::Off);
             }
             let options = ConnectOptions {
                 gateway,
@@ -153,7 +153,7 @@ fn serve(config: PathBuf) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    ztgate::telemetry::init(&preview.log_level, &preview.log_format);
+    ztgate::telemetry::init(&preview.log_level, &preview.log_format, &preview.audit);
     drop(preview);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,

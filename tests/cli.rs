@@ -255,3 +255,53 @@ fn stdio_mode_carries_one_stream() {
     assert_eq!(out.stdout, b"SSH-2.0-test\r\nhello over stdio\n");
     drop(runtime);
 }
+
+#[test]
+fn audit_log_gets_one_json_line_per_decision() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let upstream = runtime.block_on(echo_server("127.0.0.1:0"));
+    let audit_dir = tempfile::tempdir().expect("dir");
+    let audit = audit_dir.path().join("audit.jsonl");
+    let (_dir, config) = write_config(
+        "127.0.0.1:0",
+        &[App::wiki(upstream)],
+        &format!("[log]\naudit = \"{}\"\n", audit.display()),
+    );
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_ztgate"));
+    serve.arg("serve").arg("--config").arg(&config);
+    let serve = Running::spawn(serve, false);
+    let gateway: std::net::SocketAddr = serve
+        .wait_for("ztgate: listening quic ", Duration::from_secs(20))
+        .parse()
+        .expect("gateway address");
+    runtime.block_on(async {
+        let (_c, _t) = connect(gateway, "DEV-0001", WIKI).await;
+        let _ = refusal(gateway, "DEV-0003", WIKI).await;
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let lines = loop {
+        let text = std::fs::read_to_string(&audit).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each audit line is JSON"))
+            .collect();
+        if lines.len() >= 2 || std::time::Instant::now() > deadline {
+            break lines;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    let allow = &lines[0]["fields"];
+    assert_eq!(allow["kind"], "decision");
+    assert_eq!(allow["outcome"], "allow");
+    assert_eq!(allow["engine"], "builtin");
+    assert_eq!(allow["device"], "spiffe://example.test/device/DEV-0001");
+    assert_eq!(allow["application"], "wiki");
+    assert_eq!(allow["rule"], "builtin:wiki:spiffe-prefix");
+    assert_eq!(allow["cache_hit"], false);
+    assert!(allow["latency_us"].is_u64());
+    assert!(lines[0]["timestamp"].is_string());
+    let deny = &lines[1]["fields"];
+    assert_eq!(deny["outcome"], "deny");
+    assert_eq!(deny["rule"], "builtin:wiki:hardware-bound");
+}

@@ -66,6 +66,7 @@ pub struct Generation {
     pub limits: Limits,
     pub log_level: String,
     pub log_format: String,
+    pub audit: crate::telemetry::AuditSink,
 }
 
 impl std::fmt::Debug for Generation {

@@ -611,6 +611,11 @@ fn build(
         },
         log_level: raw.log.level.clone(),
         log_format: raw.log.format.clone(),
+        audit: match raw.log.audit.as_str() {
+            "stderr" => crate::telemetry::AuditSink::Stderr,
+            "off" => crate::telemetry::AuditSink::Off,
+            path => crate::telemetry::AuditSink::File(resolve(base, path)),
+        },
     })
 }
 

@@ -168,6 +168,9 @@ pub struct RawLog {
     pub level: String,
     #[serde(default = "defaults::log_format")]
     pub format: String,
+    /// Where the audit log goes: "stderr", "off" or a file path.
+    #[serde(default = "defaults::audit")]
+    pub audit: String,
 }
 
 impl Default for RawLog {
@@ -175,6 +178,7 @@ impl Default for RawLog {
         RawLog {
             level: defaults::log_level(),
             format: defaults::log_format(),
+            audit: defaults::audit(),
         }
     }
 }
@@ -295,6 +299,9 @@ pub mod defaults {
     }
     pub fn log_level() -> String {
         "info".to_string()
+    }
+    pub fn audit() -> String {
+        "stderr".to_string()
     }
     pub fn log_format() -> String {
         "text".to_string()

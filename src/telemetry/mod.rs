@@ -10,36 +10,79 @@ type LevelSetter = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
 
 static LEVEL_SETTER: OnceLock<LevelSetter> = OnceLock::new();
 
-/// Installs the global tracing subscriber. `RUST_LOG`, when set, overrides
-/// the configured level for the life of the process.
-pub fn init(level: &str, format: &str) {
+/// Tracing target of the audit log: one JSON line per policy decision and
+/// per operator action, kept apart from diagnostics.
+pub const AUDIT_TARGET: &str = "ztgate::audit";
+
+/// Where audit lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditSink {
+    Stderr,
+    File(std::path::PathBuf),
+    Off,
+}
+
+/// Installs the global tracing subscriber: diagnostics as text or JSON on
+/// stderr, and the audit log as JSON lines on its own sink. `RUST_LOG`,
+/// when set, overrides the configured level for the life of the process.
+pub fn init(level: &str, format: &str, audit: &AuditSink) {
+    use tracing_subscriber::filter::{filter_fn, FilterExt, Targets};
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let _ = LEVEL_SETTER.set(Box::new(move |f| {
+        handle.reload(f).map_err(|e| e.to_string())
+    }));
+    let not_audit = filter_fn(|meta| meta.target() != AUDIT_TARGET);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let result = if format == "json" {
-        let builder = tracing_subscriber::fmt()
+    let diagnostics = if format == "json" {
+        tracing_subscriber::fmt::layer()
             .json()
             .with_writer(std::io::stderr)
-            .with_env_filter(filter)
-            .with_filter_reloading();
-        let handle = builder.reload_handle();
-        let _ = LEVEL_SETTER.set(Box::new(move |f| {
-            handle.reload(f).map_err(|e| e.to_string())
-        }));
-        builder.try_init()
+            .boxed()
     } else {
-        let builder = tracing_subscriber::fmt()
+        tracing_subscriber::fmt::layer()
             .with_ansi(ansi)
             .with_writer(std::io::stderr)
-            .with_env_filter(filter)
-            .with_filter_reloading();
-        let handle = builder.reload_handle();
-        let _ = LEVEL_SETTER.set(Box::new(move |f| {
-            handle.reload(f).map_err(|e| e.to_string())
-        }));
-        builder.try_init()
+            .boxed()
     };
+    let diagnostics = diagnostics.with_filter(filter.and(not_audit));
+    let audit_writer = match audit {
+        AuditSink::Off => None,
+        AuditSink::Stderr => Some(BoxMakeWriter::new(std::io::stderr)),
+        AuditSink::File(path) => match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            Ok(file) => Some(BoxMakeWriter::new(Mutex::new(file))),
+            Err(e) => {
+                eprintln!(
+                    "ztgate: cannot open the audit log {}: {e}; audit lines go to stderr",
+                    path.display()
+                );
+                Some(BoxMakeWriter::new(std::io::stderr))
+            }
+        },
+    };
+    let audit_layer = audit_writer.map(|writer| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_writer(writer)
+            .with_filter(Targets::new().with_target(AUDIT_TARGET, tracing::Level::INFO))
+    });
+    let result = tracing_subscriber::registry()
+        .with(diagnostics)
+        .with(audit_layer)
+        .try_init();
     if let Err(e) = result {
         eprintln!("ztgate: logging was already initialised: {e}");
     }
