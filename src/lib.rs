@@ -10,8 +10,10 @@
 //! identity), `policy` (the decision seam), `ingress` (listeners),
 //! `admission` (post-handshake checks), `session` (live sessions),
 //! `forward` (upstream and copy), `client` (the device side), `protocol`
-//! (wire formats and codes), `telemetry` (logs).
+//! (wire formats and codes), `telemetry` (logs), `admin` (the local admin
+//! API and its thin client).
 
+pub mod admin;
 pub mod admission;
 pub mod client;
 pub mod config;

@@ -1,4 +1,5 @@
-//! The `ztgate` command line: `serve`, `connect` and `check-config`.
+//! The `ztgate` command line: `serve`, `connect`, `check-config`, and the
+//! admin API client commands `sessions`, `close-session`, `revoke` and `reload`.
 
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
@@ -66,6 +67,8 @@ enum Command {
         /// Path of the TOML config file.
         file: PathBuf,
     },
+    #[command(flatten)]
+    Admin(ztgate::admin::client::AdminCommand),
 }
 
 fn main() -> ExitCode {
@@ -93,6 +96,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Serve { config } => serve(config),
+        Command::Admin(command) => ztgate::admin::client::run(command),
         Command::Connect {
             gateway,
             app,
