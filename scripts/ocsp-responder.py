@@ -61,11 +61,12 @@ def parse_args():
     parser.add_argument("--ca", help="PEM certificate of the CA that issued the queried certificates")
     parser.add_argument("--rsigner", help="PEM certificate of the response signer")
     parser.add_argument("--rkey", help="PEM private key of the response signer")
+
     parser.add_argument("--nmin", type=int, default=5, help="minutes from thisUpdate to nextUpdate (default 5)")
     parser.add_argument("--no-next-update", action="store_true", help="leave nextUpdate out of responses")
     parser.add_argument("--rmd", help="digest for the response signature, passed to openssl ocsp -rmd")
     parser.add_argument(
-        "--rsigopt", action="append", default=[], help="signature option such as rsa_padding_mode:pss; repeatable"
+        "--rsigopt", action="append", default=[], help="signature option such as rsa_padding_mode:pss, passed to openssl ocsp -rsigopt (repeatable)"
     )
     parser.add_argument(
         "--mode",
@@ -74,12 +75,14 @@ def parse_args():
         help="how to respond (default openssl)",
     )
     parser.add_argument("--replay-file", help="DER response that mode replay sends")
+
     parser.add_argument("--delay", type=float, default=0.0, help="seconds to wait before each response")
     parser.add_argument("--hang-seconds", type=float, default=30.0, help="seconds that mode hang waits before it closes the connection without a response (default 30)")
     parser.add_argument(
         "--max-seconds", type=float, default=600.0, help="exit after this many seconds (default 600), so no run is unbounded"
     )
     parser.add_argument("--exit-on-eof", action="store_true", help="exit when stdin reaches end of file, for example when the parent test dies")
+
     args = parser.parse_args()
     if args.mode == "openssl":
         missing = [name for name in ("index", "ca", "rsigner", "rkey") if getattr(args, name) is None]
