@@ -478,8 +478,10 @@ impl Inner {
                 (Some(checked.clone()), None, revocation)
             }
             Err(error) => {
-                let failure = (!settings.failure_backoff.is_zero())
-                    .then(|| (now + settings.failure_backoff, error.clone()));
+                let failure = now
+                    .checked_add(settings.failure_backoff)
+                    .filter(|_| !settings.failure_backoff.is_zero())
+                    .map(|until| (until, error.clone()));
                 (previous_checked, failure, None)
             }
         };
@@ -525,8 +527,10 @@ fn needs_refresh(entry: &Entry, now: SystemTime, margin: Duration) -> bool {
     }
     match &entry.checked {
         Some(checked) => {
-            !matches!(checked.status, OcspStatus::Revoked { .. })
-                && checked.valid_until <= now + margin
+            let expiring = now
+                .checked_add(margin)
+                .map_or(true, |horizon| checked.valid_until <= horizon);
+            !matches!(checked.status, OcspStatus::Revoked { .. }) && expiring
         }
         None => true,
     }

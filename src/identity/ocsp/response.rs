@@ -158,7 +158,8 @@ pub(super) fn verify(
     check_critical_extensions(single.single_extensions.as_deref(), url)?;
 
     let this_update = single.this_update.0.to_system_time();
-    if this_update > now + expected.clock_skew {
+    let ahead = this_update.duration_since(now).unwrap_or(Duration::ZERO);
+    if ahead > expected.clock_skew {
         return Err(OcspError::NotYetValid {
             url: url.to_owned(),
             this_update: format_time(this_update),
@@ -167,9 +168,14 @@ pub(super) fn verify(
     }
     let valid_until = match single.next_update {
         Some(next_update) => next_update.0.to_system_time(),
-        None => this_update + expected.default_lifetime,
+        None => this_update
+            .checked_add(expected.default_lifetime)
+            .ok_or_else(|| {
+                malformed("thisUpdate plus the default lifetime is out of range".to_owned())
+            })?,
     };
-    if valid_until + expected.clock_skew < now {
+    let late = now.duration_since(valid_until).unwrap_or(Duration::ZERO);
+    if late > expected.clock_skew {
         return Err(OcspError::Expired {
             url: url.to_owned(),
             valid_until: format_time(valid_until),
