@@ -1,8 +1,9 @@
 //! Device certificates: chain verification against the configured device CAs,
-//! the handshake-time verifier handed to rustls, and the device identity read
-//! from the leaf.
+//! the handshake-time verifier handed to rustls, the device identity read
+//! from the leaf, and OCSP status checks.
 
 pub mod device;
+pub mod ocsp;
 mod trust;
 mod verifier;
 
