@@ -37,7 +37,8 @@ fn input(root: &Path) -> PolicyInput {
     let der = rustls_pki_types::pem::PemObject::from_pem_slice(&pem)
         .map(|c: rustls_pki_types::CertificateDer<'static>| c.to_vec())
         .expect("pem");
-    let device = ztgate::identity::extract_identity(&der, Some("1.3.6.1.4.1.55555.1.1")).expect("identity");
+    let device =
+        ztgate::identity::extract_identity(&der, Some("1.3.6.1.4.1.55555.1.1")).expect("identity");
     PolicyInput {
         device,
         issuing_ca: "dev-devices".into(),
@@ -64,7 +65,9 @@ fn input(root: &Path) -> PolicyInput {
 }
 
 async fn fake_opa() -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = listener.accept().await {
@@ -78,19 +81,27 @@ async fn fake_opa() -> std::net::SocketAddr {
                     };
                     filled += n;
                     let text = &buf[..filled];
-                    let Some(end) = text.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+                    let Some(end) = text.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
                     let head = String::from_utf8_lossy(&text[..end]).to_ascii_lowercase();
                     let length: usize = head
                         .lines()
-                        .find_map(|l| l.strip_prefix("content-length:").and_then(|v| v.trim().parse().ok()))
+                        .find_map(|l| {
+                            l.strip_prefix("content-length:")
+                                .and_then(|v| v.trim().parse().ok())
+                        })
                         .unwrap_or(0);
                     if filled < end + 4 + length {
                         continue;
                     }
                     filled = 0;
-                    let body = br#"{"result":{"outcome":"allow","rule":"bench","lifetime_secs":300}}"#;
+                    let body =
+                        br#"{"result":{"outcome":"allow","rule":"bench","lifetime_secs":300}}"#;
                     let head = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", body.len());
-                    if tcp.write_all(head.as_bytes()).await.is_err() || tcp.write_all(body).await.is_err() {
+                    if tcp.write_all(head.as_bytes()).await.is_err()
+                        || tcp.write_all(body).await.is_err()
+                    {
                         return;
                     }
                 }
@@ -101,7 +112,10 @@ async fn fake_opa() -> std::net::SocketAddr {
 }
 
 fn main() {
-    let iterations: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(20_000);
+    let iterations: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(20_000);
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let input = input(root);
     let rego = RegoPolicy::load(
@@ -112,7 +126,11 @@ fn main() {
     )
     .expect("example policy");
     let decision = rego.evaluate(&input).expect("decision");
-    assert_eq!(decision.outcome(), "allow", "the bench input is allowed by the example");
+    assert_eq!(
+        decision.outcome(),
+        "allow",
+        "the bench input is allowed by the example"
+    );
     let mut samples = Vec::with_capacity(iterations);
     for _ in 0..iterations {
         let start = Instant::now();
@@ -122,7 +140,10 @@ fn main() {
     }
     report("embedded Rego, example policy", samples);
 
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     runtime.block_on(async {
         let cached = CachedPolicy::new(Arc::new(rego), 1000);
         cached.decide(&input).await.expect("first");

@@ -1,11 +1,20 @@
-//! The running gateway: binds the listeners of a config, runs them, and
-//! offers reload and shutdown. `ztgate serve` and the tests both use it.
+//! The running gateway: binds the listeners of a config, runs them with the
+//! background tasks (OCSP refresh, the admin API), and offers reload and
+//! shutdown. `ztgate serve` and the tests both use it.
 
+use crate::admin::{
+    AdminBackend, AdminHandle, PushOutcome, Readiness, ReloadFuture, RevocationPush,
+    RevocationSourceStatus, RevocationTarget, SessionView,
+};
 use crate::config::{ConfigErrors, ConfigHandle, Generation};
+use crate::identity::ocsp::OcspChecker;
 use crate::ingress::{bind_quic, Shared};
+use crate::protocol::Code;
+use crate::session::{CloseRequest, Selector};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -13,6 +22,7 @@ use tokio::task::JoinSet;
 pub struct Gateway {
     shared: Arc<Shared>,
     quic_addrs: Vec<SocketAddr>,
+    admin: Option<AdminHandle>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
@@ -34,17 +44,33 @@ impl Gateway {
         let config = tokio::task::spawn_blocking(move || ConfigHandle::load(&path))
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))??;
+        let generation = config.current();
+        let ocsp = OcspChecker::new(generation.ocsp.clone())
+            .map_err(|e| std::io::Error::other(format!("cannot start the OCSP client: {e}")))?;
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let shared = Shared::new(config, shutdown_rx);
+        let shared = Shared::new(config, shutdown_rx.clone(), ocsp);
         let listeners = bind_quic(&shared)?;
         let quic_addrs = listeners.iter().map(|l| l.local_addr).collect();
         let mut tasks = JoinSet::new();
         for listener in listeners {
             tasks.spawn(listener.run(shared.clone()));
         }
+        tasks.spawn(close_on_ocsp_revocation(shared.clone()));
+        tasks.spawn(refresh_ocsp(shared.clone()));
+        let admin_settings = generation.admin.clone();
+        let admin = if admin_settings.socket_path.is_some() || admin_settings.tcp_address.is_some()
+        {
+            let backend = Arc::new(GatewayBackend {
+                shared: shared.clone(),
+            });
+            Some(crate::admin::serve(admin_settings, backend, shutdown_rx).await?)
+        } else {
+            None
+        };
         Ok(Gateway {
             shared,
             quic_addrs,
+            admin,
             shutdown,
             tasks,
         })
@@ -53,6 +79,11 @@ impl Gateway {
     /// The bound QUIC addresses, in config order (port 0 resolved).
     pub fn quic_addrs(&self) -> &[SocketAddr] {
         &self.quic_addrs
+    }
+
+    /// The admin API's listeners, when configured.
+    pub fn admin(&self) -> Option<&AdminHandle> {
+        self.admin.as_ref()
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -69,10 +100,158 @@ impl Gateway {
     pub async fn shutdown(mut self) {
         self.shutdown.send_replace(true);
         while self.tasks.join_next().await.is_some() {}
+        if let Some(admin) = self.admin.take() {
+            admin.wait().await;
+        }
         // Give sessions a moment to send their close messages.
         let deadline = tokio::time::Instant::now() + self.shared.config.current().timeouts.drain;
         while self.shared.registry.session_count() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Closes the sessions of every certificate that an OCSP answer reports revoked.
+async fn close_on_ocsp_revocation(shared: Arc<Shared>) {
+    let mut revocations = shared.ocsp.subscribe();
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let revocation = tokio::select! {
+            r = revocations.recv() => r,
+            _ = shutdown.changed() => return,
+        };
+        match revocation {
+            Ok(r) => {
+                let closed = shared.registry.close_matching(
+                    &Selector::IssuerSerial {
+                        issuer_sha256: r.issuer_raw_sha256.clone(),
+                        serial_hex: r.serial_hex.clone(),
+                    },
+                    CloseRequest::new(
+                        Code::CertificateRevoked,
+                        format!(
+                            "the certificate was revoked (OCSP responder {})",
+                            r.responder_url
+                        ),
+                    ),
+                );
+                tracing::info!(serial = %r.serial_hex, responder = %r.responder_url, closed, "OCSP reports a certificate revoked");
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::warn!(missed, "OCSP revocation events were missed; their sessions close at their next re-evaluation");
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Asks OCSP again, before they expire, about answers cached for live sessions.
+async fn refresh_ocsp(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let margin = shared.config.current().ocsp_refresh_margin;
+        let pause = (margin / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.changed() => return,
+        }
+        if shared.ocsp.cache_len() > 0 {
+            shared
+                .ocsp
+                .refresh_expiring(SystemTime::now(), margin)
+                .await;
+        }
+    }
+}
+
+/// The admin API's view of the gateway.
+struct GatewayBackend {
+    shared: Arc<Shared>,
+}
+
+impl AdminBackend for GatewayBackend {
+    fn sessions(&self) -> Vec<SessionView> {
+        self.shared
+            .registry
+            .all()
+            .into_iter()
+            .map(|s| SessionView {
+                id: s.id,
+                device: s.identity.device_id.clone(),
+                application: s.application.clone(),
+                client: *s.client.lock().unwrap_or_else(|p| p.into_inner()),
+                transport: s.transport.as_str().to_string(),
+                age_secs: s.started.elapsed().as_secs(),
+                bytes_to_upstream: s
+                    .bytes_to_upstream
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                bytes_to_client: s.bytes_to_client.load(std::sync::atomic::Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    fn close_session(&self, id: u64) -> bool {
+        self.shared.registry.close_matching(
+            &Selector::Session(id),
+            CloseRequest::new(Code::AdministrativelyClosed, "closed by an operator"),
+        ) > 0
+    }
+
+    fn push_revocation(&self, push: RevocationPush, caller: &str) -> Result<PushOutcome, String> {
+        let selector = match &push.target {
+            RevocationTarget::IssuerSerial {
+                issuer_sha256,
+                serial_hex,
+            } => Selector::IssuerSerial {
+                issuer_sha256: issuer_sha256.clone(),
+                serial_hex: serial_hex.clone(),
+            },
+            RevocationTarget::CertSha256(h) => Selector::CertSha256(h.clone()),
+            RevocationTarget::SpkiSha256(h) => Selector::SpkiSha256(h.clone()),
+        };
+        let reason = push
+            .reason
+            .clone()
+            .unwrap_or_else(|| "revoked by an operator".into());
+        let closed = self.shared.registry.close_matching(
+            &selector,
+            CloseRequest::new(
+                Code::CertificateRevoked,
+                format!("the certificate was revoked: {reason}"),
+            ),
+        );
+        tracing::info!(caller, target = ?push.target, closed, "revocation pushed");
+        Ok(PushOutcome {
+            closed_sessions: closed,
+        })
+    }
+
+    fn push_posture(
+        &self,
+        device_id: String,
+        _attributes: serde_json::Map<String, serde_json::Value>,
+        _caller: &str,
+    ) -> Result<usize, String> {
+        Err(format!(
+            "posture pushes are not supported by this gateway yet (device {device_id})"
+        ))
+    }
+
+    fn reload(&self) -> ReloadFuture<'_> {
+        Box::pin(async move {
+            self.shared
+                .config
+                .reload()
+                .await
+                .map(|g| g.id)
+                .map_err(|errors| errors.0.iter().map(|e| e.to_string()).collect())
+        })
+    }
+
+    fn readiness(&self) -> Readiness {
+        Readiness {
+            ready: true,
+            revocation_sources: Vec::<RevocationSourceStatus>::new(),
         }
     }
 }

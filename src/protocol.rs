@@ -72,6 +72,9 @@ pub enum Code {
     AdministrativelyClosed = 0x19,
     /// Policy could not be evaluated (engine failure) and the application fails closed.
     PolicyUnavailable = 0x1a,
+    /// The certificate's revocation status could not be established and the
+    /// configuration requires it (OCSP hard-fail, stale CRL).
+    RevocationUnknown = 0x1b,
     /// The upstream could not be reached (resolution, refusal or timeout).
     UpstreamUnreachable = 0x20,
     /// The upstream reset its TCP connection.
@@ -82,7 +85,7 @@ pub enum Code {
 
 impl Code {
     /// Every code, in numeric order.
-    pub const ALL: [Code; 17] = [
+    pub const ALL: [Code; 18] = [
         Code::NoError,
         Code::InternalError,
         Code::ProtocolViolation,
@@ -97,6 +100,7 @@ impl Code {
         Code::ConnectionLimit,
         Code::AdministrativelyClosed,
         Code::PolicyUnavailable,
+        Code::RevocationUnknown,
         Code::UpstreamUnreachable,
         Code::UpstreamReset,
         Code::StreamRefused,
@@ -129,6 +133,7 @@ impl Code {
             Code::ConnectionLimit => "connection-limit",
             Code::AdministrativelyClosed => "administratively-closed",
             Code::PolicyUnavailable => "policy-unavailable",
+            Code::RevocationUnknown => "revocation-unknown",
             Code::UpstreamUnreachable => "upstream-unreachable",
             Code::UpstreamReset => "upstream-reset",
             Code::StreamRefused => "stream-refused",
@@ -160,6 +165,9 @@ impl Code {
             Code::ConnectionLimit => "Too many connections from this device or address; close some and retry.",
             Code::AdministrativelyClosed => "An administrator closed this session.",
             Code::PolicyUnavailable => "The access policy could not be evaluated; try again later.",
+            Code::RevocationUnknown => {
+                "The revocation status of this device's certificate could not be confirmed; try again later."
+            }
             Code::UpstreamUnreachable => "The application's server could not be reached.",
             Code::UpstreamReset => "The application's server reset the connection.",
             Code::StreamRefused => "The gateway refused a new stream because a limit was reached.",
@@ -174,6 +182,7 @@ impl Code {
                 | Code::SessionExpired
                 | Code::InternalError
                 | Code::PolicyUnavailable
+                | Code::RevocationUnknown
                 | Code::ConnectionLimit
         )
     }

@@ -28,6 +28,8 @@ pub struct AdmissionRequest<'a> {
     pub now: SystemTime,
     pub session_started: Option<Instant>,
     pub previous: Option<&'static str>,
+    /// The OCSP client, when the gateway has one.
+    pub ocsp: Option<&'a crate::identity::ocsp::OcspChecker>,
 }
 
 /// When a session must next be looked at.
@@ -121,6 +123,8 @@ pub async fn admit(
         r.application = Some(server_name.to_string());
         return Err(r);
     };
+
+    check_ocsp(req, leaf, &verified, &application).await?;
 
     let identity =
         extract_identity(leaf, generation.hardware_bound_oid.as_deref()).map_err(|e| {
@@ -282,4 +286,39 @@ pub fn deadline_for(
         });
     }
     candidates.into_iter().min_by_key(|d| d.at)
+}
+
+/// Asks OCSP about the leaf when the application's mode wants it.
+async fn check_ocsp(
+    req: &AdmissionRequest<'_>,
+    leaf: &CertificateDer<'_>,
+    verified: &crate::identity::VerifiedChain,
+    application: &Application,
+) -> Result<(), Refused> {
+    use crate::identity::ocsp::{decide, OcspDecision, OcspMode, OcspStatus};
+    if matches!(application.ocsp, OcspMode::Off) {
+        return Ok(());
+    }
+    let Some(checker) = req.ocsp else {
+        return Ok(());
+    };
+    let result = checker.status(leaf, &verified.issuer, req.now).await;
+    let last = checker.cached(leaf, &verified.issuer);
+    let revoked = matches!(&result, Ok(c) if matches!(c.status, OcspStatus::Revoked { .. }));
+    match decide(&application.ocsp, &result, last.as_ref(), req.now) {
+        OcspDecision::Admit { .. } => Ok(()),
+        OcspDecision::Refuse { reason } => {
+            let summary = crate::identity::summarize_certificate(leaf);
+            let code = if revoked {
+                Code::CertificateRevoked
+            } else {
+                Code::RevocationUnknown
+            };
+            let mut r = Refused::new(code, reason);
+            r.device = Some(format!("{} serial {}", summary.subject, summary.serial_hex));
+            r.application = Some(application.name.clone());
+            r.rule = Some("ocsp".into());
+            Err(r)
+        }
+    }
 }

@@ -23,6 +23,7 @@ pub struct Application {
     pub labels: BTreeMap<String, String>,
     /// Admit new connections when the policy engine fails, instead of refusing.
     pub admit_on_policy_failure: bool,
+    pub ocsp: crate::identity::ocsp::OcspMode,
 }
 
 #[derive(Debug, Clone)]
@@ -67,6 +68,11 @@ pub struct Generation {
     pub log_level: String,
     pub log_format: String,
     pub audit: crate::telemetry::AuditSink,
+    pub ocsp: crate::identity::ocsp::OcspSettings,
+    /// How long before a cached OCSP answer expires it is asked again.
+    pub ocsp_refresh_margin: Duration,
+    pub admin: crate::admin::AdminSettings,
+    pub state_dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Generation {

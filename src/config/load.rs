@@ -531,12 +531,14 @@ fn build(
                     false
                 }
             };
+            let ocsp = app_ocsp_mode(c, i, app);
             let application = Arc::new(Application {
                 name: app.name.clone(),
                 server_name: server_name.clone(),
                 upstream,
                 labels: app.labels.clone(),
                 admit_on_policy_failure,
+                ocsp,
             });
             rules.insert(app.name.clone(), AccessRules::from_raw(&app.access));
             applications.insert(server_name, application);
@@ -611,6 +613,10 @@ fn build(
         },
         log_level: raw.log.level.clone(),
         log_format: raw.log.format.clone(),
+        ocsp: ocsp_settings(c, &raw.ocsp)?,
+        ocsp_refresh_margin: Duration::from_secs(raw.ocsp.refresh_margin_secs.unwrap_or(60)),
+        admin: admin_settings(c, base, &raw.admin)?,
+        state_dir: raw.gateway.state_dir.as_deref().map(|d| resolve(base, d)),
         audit: match raw.log.audit.as_str() {
             "stderr" => crate::telemetry::AuditSink::Stderr,
             "off" => crate::telemetry::AuditSink::Off,
@@ -809,4 +815,132 @@ fn build_engine(
             None
         }
     }
+}
+
+fn app_ocsp_mode(
+    c: &mut Collector,
+    i: usize,
+    app: &super::schema::RawApplication,
+) -> crate::identity::ocsp::OcspMode {
+    use crate::identity::ocsp::{OcspMode, SoftFailWithoutAnswer};
+    let key = |field: &str| format!("application[{i}].{field}");
+    let without_answer = match app.ocsp_without_answer.as_deref() {
+        None | Some("admit") => SoftFailWithoutAnswer::Admit,
+        Some("refuse") => SoftFailWithoutAnswer::Refuse,
+        Some(other) => {
+            c.push(
+                key("ocsp_without_answer"),
+                format!("{other:?} is not \"admit\" or \"refuse\""),
+            );
+            SoftFailWithoutAnswer::Admit
+        }
+    };
+    match app.ocsp.as_deref() {
+        None | Some("off") => OcspMode::Off,
+        Some("hard-fail") => OcspMode::HardFail,
+        Some("soft-fail") => OcspMode::SoftFail {
+            max_staleness: Duration::from_secs(app.ocsp_max_staleness_secs.unwrap_or(24 * 3600)),
+            without_answer,
+        },
+        Some(other) => {
+            c.push(
+                key("ocsp"),
+                format!(
+                    "{other:?} is not an OCSP mode; use \"off\", \"soft-fail\" or \"hard-fail\""
+                ),
+            );
+            OcspMode::Off
+        }
+    }
+}
+
+fn ocsp_settings(
+    c: &mut Collector,
+    raw: &super::schema::RawOcsp,
+) -> Option<crate::identity::ocsp::OcspSettings> {
+    use crate::identity::ocsp::{CertIdHash, OcspSettings};
+    let mut settings = OcspSettings::default();
+    if let Some(url) = &raw.responder_url {
+        if !url.starts_with("http://") {
+            c.push(
+                "ocsp.responder_url",
+                format!("{url:?} must be an http:// URL"),
+            );
+            return None;
+        }
+        settings.responder_url = Some(url.clone());
+    }
+    match raw.cert_id_hash.as_deref() {
+        None | Some("sha1") => settings.cert_id_hash = CertIdHash::Sha1,
+        Some("sha256") => settings.cert_id_hash = CertIdHash::Sha256,
+        Some(other) => {
+            c.push(
+                "ocsp.cert_id_hash",
+                format!("{other:?} is not \"sha1\" or \"sha256\""),
+            );
+            return None;
+        }
+    }
+    if let Some(v) = raw.use_get {
+        settings.use_get = v;
+    }
+    if let Some(v) = raw.send_nonce {
+        settings.send_nonce = v;
+    }
+    if let Some(v) = raw.require_nonce {
+        settings.require_nonce = v;
+    }
+    if settings.require_nonce && !settings.send_nonce {
+        c.push("ocsp.require_nonce", "needs send_nonce = true");
+        return None;
+    }
+    if let Some(v) = raw.timeout_ms {
+        settings.timeout = Duration::from_millis(v.max(1));
+    }
+    if let Some(v) = raw.max_response_bytes {
+        settings.max_response_bytes = v;
+    }
+    if let Some(v) = raw.clock_skew_secs {
+        settings.clock_skew = Duration::from_secs(v);
+    }
+    if let Some(v) = raw.default_lifetime_secs {
+        settings.default_lifetime = Duration::from_secs(v.max(1));
+    }
+    if let Some(v) = raw.cache_size {
+        settings.cache_capacity = v.max(1);
+    }
+    Some(settings)
+}
+
+fn admin_settings(
+    c: &mut Collector,
+    base: &Path,
+    raw: &super::schema::RawAdmin,
+) -> Option<crate::admin::AdminSettings> {
+    let mut settings = crate::admin::AdminSettings {
+        socket_path: raw.socket_path.as_deref().map(|p| resolve(base, p)),
+        socket_group: raw.socket_group.clone(),
+        token_file: raw.token_file.as_deref().map(|p| resolve(base, p)),
+        ..Default::default()
+    };
+    if let Some(addr) = &raw.tcp_address {
+        match addr.parse::<SocketAddr>() {
+            Ok(a) if a.ip().is_loopback() => settings.tcp_address = Some(a),
+            _ => {
+                c.push(
+                    "admin.tcp_address",
+                    format!("{addr:?} must be a loopback IP:PORT such as \"127.0.0.1:9180\"; the admin API never listens on other addresses"),
+                );
+                return None;
+            }
+        }
+        if settings.token_file.is_none() {
+            c.push(
+                "admin.token_file",
+                "required with admin.tcp_address: a file holding the bearer token, mode 0600",
+            );
+            return None;
+        }
+    }
+    Some(settings)
 }

@@ -15,6 +15,10 @@ pub struct RawConfig {
     pub policy: RawPolicy,
     #[serde(default)]
     pub log: RawLog,
+    #[serde(default)]
+    pub ocsp: RawOcsp,
+    #[serde(default)]
+    pub admin: RawAdmin,
     #[serde(default, rename = "device_ca")]
     pub device_cas: Vec<RawDeviceCa>,
     #[serde(default, rename = "application")]
@@ -43,6 +47,9 @@ pub struct RawGateway {
     pub udp_receive_buffer_bytes: usize,
     #[serde(default = "defaults::udp_buffer")]
     pub udp_send_buffer_bytes: usize,
+    /// Directory for state that must survive a restart (pushed revocations).
+    #[serde(default)]
+    pub state_dir: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -208,6 +215,44 @@ pub struct RawApplication {
     /// engine fails.
     #[serde(default)]
     pub on_policy_failure: Option<String>,
+    /// OCSP checking of this application's devices: "off" (the default),
+    /// "soft-fail" or "hard-fail".
+    #[serde(default)]
+    pub ocsp: Option<String>,
+    /// Soft-fail: the oldest good OCSP answer that still admits.
+    #[serde(default)]
+    pub ocsp_max_staleness_secs: Option<u64>,
+    /// Soft-fail: "admit" (the default) or "refuse" when no answer was ever cached.
+    #[serde(default)]
+    pub ocsp_without_answer: Option<String>,
+}
+
+/// Settings of the OCSP client, shared by every application.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawOcsp {
+    /// Responder to ask instead of the certificate's AIA URL.
+    pub responder_url: Option<String>,
+    /// "sha1" (the default) or "sha256".
+    pub cert_id_hash: Option<String>,
+    pub use_get: Option<bool>,
+    pub send_nonce: Option<bool>,
+    pub require_nonce: Option<bool>,
+    pub timeout_ms: Option<u64>,
+    pub max_response_bytes: Option<usize>,
+    pub clock_skew_secs: Option<u64>,
+    pub default_lifetime_secs: Option<u64>,
+    pub cache_size: Option<usize>,
+    /// How long before a cached answer expires live sessions ask again.
+    pub refresh_margin_secs: Option<u64>,
+}
+
+/// The local admin API.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawAdmin {
+    pub socket_path: Option<String>,
+    pub socket_group: Option<String>,
+    pub tcp_address: Option<String>,
+    pub token_file: Option<String>,
 }
 
 /// Rules of the built-in policy engine for one application.

@@ -20,6 +20,11 @@ pub struct DeviceCa {
 pub struct VerifiedChain {
     /// Name of the configured device CA whose anchor ended the path.
     pub ca_name: Arc<str>,
+    /// The certificate that issued the leaf (needed for OCSP).
+    pub issuer: CertificateDer<'static>,
+    /// The verified path above the leaf: intermediates in order, then the
+    /// anchor's certificate.
+    pub path: Vec<CertificateDer<'static>>,
 }
 
 /// Why a device certificate chain was rejected.
@@ -82,6 +87,8 @@ pub struct TrustStore {
     anchors: Vec<TrustAnchor<'static>>,
     /// The CA name of each entry of `anchors`.
     anchor_ca: Vec<Arc<str>>,
+    /// The certificate of each entry of `anchors`.
+    anchor_certs: Vec<CertificateDer<'static>>,
     intermediates: Vec<CertificateDer<'static>>,
     hints: Vec<rustls::DistinguishedName>,
     ca_names: Vec<Arc<str>>,
@@ -102,6 +109,7 @@ impl TrustStore {
         let mut store = TrustStore {
             anchors: Vec::new(),
             anchor_ca: Vec::new(),
+            anchor_certs: Vec::new(),
             intermediates: Vec::new(),
             hints: Vec::new(),
             ca_names: Vec::new(),
@@ -123,6 +131,7 @@ impl TrustStore {
                     .push(rustls::DistinguishedName::from(anchor.subject.to_vec()));
                 store.anchors.push(anchor.to_owned());
                 store.anchor_ca.push(name.clone());
+                store.anchor_certs.push(cert.clone());
             }
             store.intermediates.extend(ca.intermediates.iter().cloned());
             store.ca_names.push(name);
@@ -184,8 +193,15 @@ impl TrustStore {
             .ok_or_else(|| {
                 ChainError::BadEncoding("verified anchor not found in the store".into())
             })?;
+        let mut path_certs: Vec<CertificateDer<'static>> = path
+            .intermediate_certificates()
+            .map(|c| c.der().into_owned())
+            .collect();
+        path_certs.push(self.anchor_certs[index].clone());
         Ok(VerifiedChain {
             ca_name: self.anchor_ca[index].clone(),
+            issuer: path_certs[0].clone(),
+            path: path_certs,
         })
     }
 }

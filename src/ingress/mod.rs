@@ -41,11 +41,18 @@ pub struct Shared {
     /// not force every device through a full handshake.
     pub session_cache: Arc<dyn rustls::server::StoresServerSessions>,
     pub refusal_log: PerSourceLimiter,
+    /// The OCSP client and its cache, kept across reloads.
+    pub ocsp: crate::identity::ocsp::OcspChecker,
 }
 
 impl Shared {
-    pub fn new(config: Arc<ConfigHandle>, shutdown: watch::Receiver<bool>) -> Arc<Shared> {
+    pub fn new(
+        config: Arc<ConfigHandle>,
+        shutdown: watch::Receiver<bool>,
+        ocsp: crate::identity::ocsp::OcspChecker,
+    ) -> Arc<Shared> {
         Arc::new(Shared {
+            ocsp,
             config,
             registry: Registry::new(),
             stats: IngressStats::default(),

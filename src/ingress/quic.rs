@@ -285,6 +285,7 @@ async fn run_admitted(
         now: SystemTime::now(),
         session_started: None,
         previous: None,
+        ocsp: Some(&shared.ocsp),
     };
     let admitted = match admission::admit(&generation, &request).await {
         Ok(a) => a,
@@ -372,6 +373,7 @@ async fn run_admitted(
         admitted,
         application: application.clone(),
         policy_outage_since: None,
+        ocsp: Some(shared.ocsp.clone()),
     };
     let mut close_rx = guard.close.clone();
     let mut shutdown = shared.shutdown.clone();

@@ -43,6 +43,7 @@ pub struct SessionState {
     pub application: Arc<ArcSwap<Application>>,
     /// When the policy engine started failing for this session, if it is failing.
     pub policy_outage_since: Option<Instant>,
+    pub ocsp: Option<crate::identity::ocsp::OcspChecker>,
 }
 
 /// Waits until the session must end and returns why. Re-evaluates the
@@ -117,6 +118,7 @@ async fn reevaluate(
         now: SystemTime::now(),
         session_started: Some(state.started),
         previous: Some(state.admitted.decision.outcome()),
+        ocsp: state.ocsp.as_ref(),
     };
     match admission::admit(&generation, &request).await {
         Ok(admitted) => {
