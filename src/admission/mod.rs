@@ -228,7 +228,8 @@ pub async fn admit(
 }
 
 /// The earliest of the decision's expiry, the certificate's notAfter and
-/// the maximum session length.
+/// the maximum session length. A time past the range of `Instant` is never
+/// reached, so it is left out instead of overflowing.
 pub fn deadline_for(
     decision: &Decision,
     identity: &DeviceIdentity,
@@ -245,30 +246,37 @@ pub fn deadline_for(
         ..
     } = decision
     {
-        candidates.push(Deadline {
-            at: now + *lifetime,
-            reevaluate: true,
-            reason: "the policy decision expired".into(),
-        });
+        if let Some(at) = now.checked_add(*lifetime) {
+            candidates.push(Deadline {
+                at,
+                reevaluate: true,
+                reason: "the policy decision expired".into(),
+            });
+        }
         let max = match (max_session, configured_max) {
             (Some(a), Some(b)) => Some((*a).min(b)),
             (a, b) => a.or(b),
         };
         if let Some(max) = max {
-            candidates.push(Deadline {
-                at: started + max,
-                reevaluate: false,
-                reason: format!(
-                    "the session reached its maximum length of {}s",
-                    max.as_secs()
-                ),
-            });
+            if let Some(at) = started.checked_add(max) {
+                candidates.push(Deadline {
+                    at,
+                    reevaluate: false,
+                    reason: format!(
+                        "the session reached its maximum length of {}s",
+                        max.as_secs()
+                    ),
+                });
+            }
         }
     }
     let remaining = identity.not_after_unix.saturating_sub(now_unix);
-    if remaining >= 0 {
+    if let Some(at) = u64::try_from(remaining)
+        .ok()
+        .and_then(|secs| now.checked_add(Duration::from_secs(secs)))
+    {
         candidates.push(Deadline {
-            at: now + Duration::from_secs(remaining as u64),
+            at,
             reevaluate: false,
             reason: "the device certificate expired".into(),
         });
