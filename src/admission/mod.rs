@@ -228,8 +228,9 @@ pub async fn admit(
 }
 
 /// The earliest of the decision's expiry, the certificate's notAfter and
-/// the maximum session length. A time past the range of `Instant` is never
-/// reached, so it is left out instead of overflowing.
+/// the maximum session length. On a tie the session ends instead of being
+/// evaluated again. A time past the range of `Instant` is never reached, so it
+/// is left out instead of overflowing.
 pub fn deadline_for(
     decision: &Decision,
     identity: &DeviceIdentity,
@@ -281,5 +282,6 @@ pub fn deadline_for(
             reason: "the device certificate expired".into(),
         });
     }
-    candidates.into_iter().min_by_key(|d| d.at)
+    // false sorts first, so a deadline that ends the session wins a tie.
+    candidates.into_iter().min_by_key(|d| (d.at, d.reevaluate))
 }
