@@ -26,7 +26,7 @@ const ZOO_PID: &str = "zoo-pid.apps.example.test";
 /// Admits hardware-bound devices only.
 const ZOO_HW: &str = "zoo-hw.apps.example.test";
 
-/// The zoo, made once per test binary.
+/// Builds the zoo once per test binary and returns its directory.
 fn zoo() -> &'static Path {
     static ZOO_DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     ZOO_DIR
@@ -67,7 +67,7 @@ fn cert_sha256(fixture: &str) -> String {
     digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// One `[[device_ca]]` table.
+/// Formats one `[[device_ca]]` table.
 fn device_ca(name: &str, anchors: &[&str], intermediates: &[&str]) -> String {
     let list = |files: &[&str]| {
         files
@@ -83,7 +83,7 @@ fn device_ca(name: &str, anchors: &[&str], intermediates: &[&str]) -> String {
     )
 }
 
-/// The three zoo applications, open to the devices of `ca_names`.
+/// Returns the three zoo applications, open to the devices of `ca_names`.
 fn zoo_apps(upstream: std::net::SocketAddr, ca_names: &[&str]) -> Vec<App> {
     let cas = ca_names
         .iter()
@@ -213,7 +213,7 @@ const fn case_at(
 
 const ADMITTED: Expected = Expected::Admitted(DeviceId::Spiffe);
 
-/// The leaf certificate's file for a fixture whose chain file shares a leaf.
+/// Returns the fixture that owns the leaf certificate of a chain fixture.
 fn leaf_fixture(fixture: &str) -> &str {
     if fixture.starts_with("chain-") {
         "chain-leaf"
@@ -239,7 +239,8 @@ fn describe_expected(fixture: &str, expected: Expected) -> String {
     }
 }
 
-/// The alert name in the parentheses that end the client's handshake message.
+/// Extracts the alert name from the parentheses that end the client's
+/// handshake message.
 fn alert_name(message: &str) -> Option<&str> {
     let start = message.rfind('(')? + 1;
     let end = start + message[start..].find(')')?;

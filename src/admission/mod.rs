@@ -227,8 +227,8 @@ pub async fn admit(
     })
 }
 
-/// The earliest of the decision's expiry, the certificate's notAfter and
-/// the maximum session length. On a tie the session ends instead of being
+/// Returns the earliest of the decision's expiry, the certificate's notAfter
+/// and the maximum session length. On a tie the session ends instead of being
 /// evaluated again. A time past the range of `Instant` is never reached, so it
 /// is left out instead of overflowing.
 pub fn deadline_for(
