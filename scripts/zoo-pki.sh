@@ -524,15 +524,15 @@ make_cross_fixtures() {
     new_key "$DIR/CA-cross-int.key" p256
     new_csr "$DIR/CA-cross-int.key" "/O=ztgate Zoo/CN=Zoo Cross Intermediate" utf8only \
         "$DIR/csr/CA-cross-int.csr"
-    sign "$DIR/csr/CA-cross-int.csr" cross-a ext_ca 0x$(serial_for int-by-a) "$DIR/CA-cross-int-by-a.pem"
-    sign "$DIR/csr/CA-cross-int.csr" cross-b ext_ca 0x$(serial_for int-by-b) "$DIR/CA-cross-int-by-b.pem"
+    sign "$DIR/csr/CA-cross-int.csr" cross-a ext_ca "0x$(serial_for int-by-a)" "$DIR/CA-cross-int-by-a.pem"
+    sign "$DIR/csr/CA-cross-int.csr" cross-b ext_ca "0x$(serial_for int-by-b)" "$DIR/CA-cross-int-by-b.pem"
     # Either certificate names the same subject and key, so either can sign as issuer.
     cp "$DIR/CA-cross-int-by-a.pem" "$DIR/CA-cross-int.pem"
     SIGN_OPTIONS[cross-int]=-sha256
 
     run_openssl x509 -x509toreq -in "$DIR/CA-cross-a.pem" -signkey "$DIR/CA-cross-a.key" \
         -out "$DIR/csr/CA-cross-a-by-b.csr"
-    sign "$DIR/csr/CA-cross-a-by-b.csr" cross-b ext_ca 0x$(serial_for a-by-b) "$DIR/CA-cross-a-by-b.pem"
+    sign "$DIR/csr/CA-cross-a-by-b.csr" cross-b ext_ca "0x$(serial_for a-by-b)" "$DIR/CA-cross-a-by-b.pem"
 
     leaf_extensions cross-leaf "$(spiffe_san cross-leaf)"
     issue_leaf cross-leaf cross-int -- cross-int-by-a
