@@ -239,8 +239,10 @@ pub async fn admit(
     })
 }
 
-/// The earliest of the decision's expiry, the certificate's notAfter and
-/// the maximum session length.
+/// Returns the earliest of the decision's expiry, the certificate's notAfter
+/// and the maximum session length. On a tie the session ends instead of being
+/// evaluated again. A time past the range of `Instant` is never reached, so it
+/// is left out instead of overflowing.
 pub fn deadline_for(
     decision: &Decision,
     identity: &DeviceIdentity,
@@ -257,35 +259,43 @@ pub fn deadline_for(
         ..
     } = decision
     {
-        candidates.push(Deadline {
-            at: now + *lifetime,
-            reevaluate: true,
-            reason: "the policy decision expired".into(),
-        });
+        if let Some(at) = now.checked_add(*lifetime) {
+            candidates.push(Deadline {
+                at,
+                reevaluate: true,
+                reason: "the policy decision expired".into(),
+            });
+        }
         let max = match (max_session, configured_max) {
             (Some(a), Some(b)) => Some((*a).min(b)),
             (a, b) => a.or(b),
         };
         if let Some(max) = max {
-            candidates.push(Deadline {
-                at: started + max,
-                reevaluate: false,
-                reason: format!(
-                    "the session reached its maximum length of {}s",
-                    max.as_secs()
-                ),
-            });
+            if let Some(at) = started.checked_add(max) {
+                candidates.push(Deadline {
+                    at,
+                    reevaluate: false,
+                    reason: format!(
+                        "the session reached its maximum length of {}s",
+                        max.as_secs()
+                    ),
+                });
+            }
         }
     }
     let remaining = identity.not_after_unix.saturating_sub(now_unix);
-    if remaining >= 0 {
+    if let Some(at) = u64::try_from(remaining)
+        .ok()
+        .and_then(|secs| now.checked_add(Duration::from_secs(secs)))
+    {
         candidates.push(Deadline {
-            at: now + Duration::from_secs(remaining as u64),
+            at,
             reevaluate: false,
             reason: "the device certificate expired".into(),
         });
     }
-    candidates.into_iter().min_by_key(|d| d.at)
+    // false sorts first, so a deadline that ends the session wins a tie.
+    candidates.into_iter().min_by_key(|d| (d.at, d.reevaluate))
 }
 
 /// Asks OCSP about the leaf when the application's mode wants it.

@@ -343,14 +343,32 @@ fn parse_certificate(der: &[u8]) -> Result<X509Certificate<'_>, IdentityError> {
     Ok(cert)
 }
 
+/// Reads the first commonName of the subject.
+///
+/// x509-parser 0.16 reads only the string types whose content is ASCII or
+/// UTF-8, so the BMPString (UTF-16) and UniversalString (UTF-32) forms that
+/// RFC 5280 allows in a DirectoryString are decoded here. A TeletexString stays
+/// an error, because its T.61 character set has no reliable mapping to Unicode.
 fn read_common_name(cert: &X509Certificate<'_>) -> Result<Option<String>, IdentityError> {
+    use x509_parser::der_parser::asn1_rs::{BmpString, Tag as Asn1Tag, UniversalString};
+
     let Some(attribute) = cert.subject().iter_common_name().next() else {
         return Ok(None);
     };
-    let common_name = attribute
-        .as_str()
-        .map_err(|error| IdentityError::CommonName(error.to_string()))?;
-    Ok(Some(common_name.to_owned()))
+    let value = attribute.attr_value();
+    let common_name = match value.tag() {
+        Asn1Tag::BmpString => BmpString::try_from(value)
+            .map(|s| s.string())
+            .map_err(|error| error.to_string()),
+        Asn1Tag::UniversalString => UniversalString::try_from(value)
+            .map(|s| s.string())
+            .map_err(|error| error.to_string()),
+        _ => attribute
+            .as_str()
+            .map(str::to_owned)
+            .map_err(|error| error.to_string()),
+    };
+    common_name.map(Some).map_err(IdentityError::CommonName)
 }
 
 /// Identity-relevant names from the subjectAltName extension.

@@ -60,6 +60,21 @@ require_hardware_bound = true"#
 
 /// Writes a config into its own temp dir and returns (dir, path).
 pub fn write_config(listen: &str, apps: &[App], extra: &str) -> (tempfile::TempDir, PathBuf) {
+    let device_cas = format!(
+        "[[device_ca]]\nname = \"dev-devices\"\ncertificates = [\"{}/device-ca.pem\"]\n",
+        pki().display()
+    );
+    write_config_with_cas(listen, apps, &device_cas, extra)
+}
+
+/// Writes a config whose `[[device_ca]]` tables are the TOML in `device_cas`
+/// instead of the development PKI's device CA, and returns (dir, path).
+pub fn write_config_with_cas(
+    listen: &str,
+    apps: &[App],
+    device_cas: &str,
+    extra: &str,
+) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("temp dir");
     let pki = pki();
     let mut text = format!(
@@ -74,10 +89,7 @@ keep_alive_secs = 5
 [identity]
 hardware_bound_oid = "1.3.6.1.4.1.55555.1.1"
 
-[[device_ca]]
-name = "dev-devices"
-certificates = ["{pki}/device-ca.pem"]
-
+{device_cas}
 {extra}
 "#,
         pki = pki.display()
@@ -116,6 +128,22 @@ impl TestGateway {
         }
     }
 
+    /// Starts a gateway whose `[[device_ca]]` tables are the TOML in `device_cas`.
+    pub async fn start_with_cas(
+        listen: &str,
+        apps: &[App],
+        device_cas: &str,
+        extra: &str,
+    ) -> TestGateway {
+        let (dir, config) = write_config_with_cas(listen, apps, device_cas, extra);
+        let gateway = Gateway::start(&config).await.expect("gateway starts");
+        TestGateway {
+            gateway,
+            dir,
+            config,
+        }
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.gateway.quic_addrs()[0]
     }
@@ -130,6 +158,70 @@ pub fn device_client(gateway: SocketAddr, device: &str, server_name: &str) -> Cl
         &pki.join("root-ca.pem"),
     )
     .expect("client TLS config");
+    let bind: SocketAddr = if gateway.is_ipv4() {
+        "127.0.0.1:0".parse().expect("addr")
+    } else {
+        "[::1]:0".parse().expect("addr")
+    };
+    Client::new(tls, gateway, server_name, Some(bind)).expect("client")
+}
+
+/// Sends one fixed certificate chain and key without checking them, so that a
+/// test can present a certificate that rustls itself would not load.
+#[derive(Debug)]
+struct UncheckedClientCert(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for UncheckedClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// A device client that sends the certificates of `chain` (leaf first) and
+/// signs with `key`. Unlike `client_tls_config`, it does not check that the
+/// key matches the leaf or that rustls can parse the leaf, so the gateway
+/// alone decides about certificates such as one with an unknown critical
+/// extension.
+pub fn chain_client(gateway: SocketAddr, chain: &Path, key: &Path, server_name: &str) -> Client {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(chain)
+        .and_then(|iter| iter.collect())
+        .unwrap_or_else(|e| panic!("read certificates from {}: {e}", chain.display()));
+    let key_der = PrivateKeyDer::from_pem_file(key)
+        .unwrap_or_else(|e| panic!("read a private key from {}: {e}", key.display()));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key_der)
+        .unwrap_or_else(|e| panic!("load the private key {}: {e}", key.display()));
+    let resolver = UncheckedClientCert(Arc::new(rustls::sign::CertifiedKey::new(
+        certs,
+        signing_key,
+    )));
+
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(pki().join("root-ca.pem")).expect("read root-ca.pem")
+    {
+        roots.add(cert.expect("root-ca.pem PEM")).expect("add root");
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_root_certificates(roots)
+        .with_client_cert_resolver(Arc::new(resolver));
+    tls.alpn_protocols = vec![ztgate::protocol::ALPN.to_vec()];
+    tls.enable_early_data = false;
+
     let bind: SocketAddr = if gateway.is_ipv4() {
         "127.0.0.1:0".parse().expect("addr")
     } else {
