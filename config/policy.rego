@@ -5,6 +5,7 @@
 # the inventory, grants and networks come from config/policy-data.json.
 #
 # Rules, in order:
+#   0. a device whose pushed posture says compliant = false is denied;
 #   1. a device missing from the inventory is denied;
 #   2. a device needs a group granted the application at its sensitivity;
 #   3. applications labelled sensitivity = "high" need a hardware-bound key;
@@ -48,6 +49,13 @@ working_hours if {
 stepped_up if input.session.posture.step_up_done == true
 
 decision := {
+	"outcome": "deny",
+	"rule": "posture",
+	"reason": "the device reported itself non-compliant",
+	"remediation": data.access.enrol_url,
+} if {
+	input.session.posture.compliant == false
+} else := {
 	"outcome": "deny",
 	"rule": "inventory",
 	"reason": sprintf("device %s is not in the inventory", [input.device.device_id]),

@@ -229,12 +229,19 @@ impl AdminBackend for GatewayBackend {
     fn push_posture(
         &self,
         device_id: String,
-        _attributes: serde_json::Map<String, serde_json::Value>,
-        _caller: &str,
+        attributes: serde_json::Map<String, serde_json::Value>,
+        caller: &str,
     ) -> Result<usize, String> {
-        Err(format!(
-            "posture pushes are not supported by this gateway yet (device {device_id})"
-        ))
+        self.shared.posture.set(&device_id, attributes);
+        let sessions = self
+            .shared
+            .registry
+            .find(&Selector::Device(device_id.clone()));
+        for session in &sessions {
+            session.reevaluate.notify_one();
+        }
+        tracing::info!(caller, device = %device_id, sessions = sessions.len(), "posture pushed; re-evaluating the device's sessions");
+        Ok(sessions.len())
     }
 
     fn reload(&self) -> ReloadFuture<'_> {

@@ -491,3 +491,74 @@ async fn undefined_decision_is_refused_not_crashed() {
     let again = refusal(gw.addr(), "DEV-0002", "wiki.apps.example.test").await;
     assert!(matches!(again, Ending::Transient(_)));
 }
+
+async fn push_posture(
+    socket: &Path,
+    device: &str,
+    attributes: serde_json::Value,
+) -> serde_json::Value {
+    let body = serde_json::json!({"device_id": device, "attributes": attributes}).to_string();
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--unix-socket"])
+        .arg(socket)
+        .args([
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+            "--data",
+            &body,
+        ])
+        .arg("http://localhost/v1/posture")
+        .output()
+        .await
+        .expect("curl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json answer")
+}
+
+#[tokio::test]
+async fn posture_push_satisfies_step_up_and_downgrade_closes() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let dir = tempfile::tempdir().expect("dir");
+    let after_hours = example_data(dir.path(), (0, 0), "10.20.0.0/16");
+    let socket = dir.path().join("admin.sock");
+    let section = format!(
+        "{}\n[admin]\nsocket_path = \"{}\"\n",
+        rego_policy_section(&after_hours),
+        socket.display()
+    );
+    let gw = TestGateway::start("127.0.0.1:0", &[app("wiki", upstream, "low")], &section).await;
+    let device = "spiffe://example.test/device/DEV-0001";
+    let step_up = refusal(gw.addr(), "DEV-0001", "wiki.apps.example.test").await;
+    assert_refused(&step_up, Code::StepUpRequired, "idp.example.test");
+
+    // The identity provider reports the step-up done: the device gets in.
+    push_posture(
+        &socket,
+        device,
+        serde_json::json!({"step_up_done": true, "compliant": true}),
+    )
+    .await;
+    let (_c, mut tunnel) = connect(gw.addr(), "DEV-0001", "wiki.apps.example.test").await;
+
+    // The MDM reports the device non-compliant: its live tunnel closes.
+    let answer = push_posture(
+        &socket,
+        device,
+        serde_json::json!({"step_up_done": true, "compliant": false}),
+    )
+    .await;
+    assert!(
+        answer.to_string().contains('1'),
+        "one session re-evaluated: {answer}"
+    );
+    let ending = tokio::time::timeout(Duration::from_secs(10), tunnel.ended())
+        .await
+        .expect("closed");
+    assert_refused(&ending, Code::PolicyDenied, "non-compliant");
+}

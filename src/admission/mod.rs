@@ -30,6 +30,8 @@ pub struct AdmissionRequest<'a> {
     pub previous: Option<&'static str>,
     /// The OCSP client, when the gateway has one.
     pub ocsp: Option<&'a crate::identity::ocsp::OcspChecker>,
+    /// Posture attributes pushed for devices.
+    pub posture: Option<&'a crate::policy::PostureStore>,
 }
 
 /// When a session must next be looked at.
@@ -157,7 +159,10 @@ pub async fn admit(
         session: SessionInput {
             age_secs: age,
             previous_decision: req.previous,
-            posture: serde_json::Value::Object(serde_json::Map::new()),
+            posture: req
+                .posture
+                .map(|p| p.get(&identity.device_id))
+                .unwrap_or_else(|| serde_json::Value::Object(serde_json::Map::new())),
         },
     };
     let policy = &generation.policy;

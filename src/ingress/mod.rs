@@ -43,6 +43,8 @@ pub struct Shared {
     pub refusal_log: PerSourceLimiter,
     /// The OCSP client and its cache, kept across reloads.
     pub ocsp: crate::identity::ocsp::OcspChecker,
+    /// Posture attributes pushed through the admin API.
+    pub posture: Arc<crate::policy::PostureStore>,
 }
 
 impl Shared {
@@ -53,6 +55,7 @@ impl Shared {
     ) -> Arc<Shared> {
         Arc::new(Shared {
             ocsp,
+            posture: Arc::new(crate::policy::PostureStore::default()),
             config,
             registry: Registry::new(),
             stats: IngressStats::default(),

@@ -286,6 +286,7 @@ async fn run_admitted(
         session_started: None,
         previous: None,
         ocsp: Some(&shared.ocsp),
+        posture: Some(&shared.posture),
     };
     let admitted = match admission::admit(&generation, &request).await {
         Ok(a) => a,
@@ -374,6 +375,8 @@ async fn run_admitted(
         application: application.clone(),
         policy_outage_since: None,
         ocsp: Some(shared.ocsp.clone()),
+        posture: Some(shared.posture.clone()),
+        reevaluate: guard.entry.reevaluate.clone(),
     };
     let mut close_rx = guard.close.clone();
     let mut shutdown = shared.shutdown.clone();

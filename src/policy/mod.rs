@@ -6,6 +6,7 @@ mod builtin;
 mod cache;
 mod opa;
 mod output;
+mod posture;
 mod rego;
 mod shadow;
 
@@ -13,6 +14,7 @@ pub use builtin::{AccessRules, BuiltinPolicy};
 pub use cache::CachedPolicy;
 pub use opa::{OpaPolicy, OpaSettings};
 pub use output::decision_from_json;
+pub use posture::PostureStore;
 pub use rego::RegoPolicy;
 pub use shadow::ShadowPolicy;
 

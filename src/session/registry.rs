@@ -26,6 +26,8 @@ pub struct SessionEntry {
     pub client: Mutex<SocketAddr>,
     pub bytes_to_upstream: AtomicU64,
     pub bytes_to_client: AtomicU64,
+    /// Wakes the session's supervisor to evaluate the session again now.
+    pub reevaluate: Arc<tokio::sync::Notify>,
     close: watch::Sender<Option<CloseRequest>>,
 }
 
@@ -201,6 +203,7 @@ impl Registry {
             client: Mutex::new(client),
             bytes_to_upstream: AtomicU64::new(0),
             bytes_to_client: AtomicU64::new(0),
+            reevaluate: Arc::new(tokio::sync::Notify::new()),
             close: close_tx,
         });
         idx.sessions.insert(id, entry.clone());

@@ -44,6 +44,10 @@ pub struct SessionState {
     /// When the policy engine started failing for this session, if it is failing.
     pub policy_outage_since: Option<Instant>,
     pub ocsp: Option<crate::identity::ocsp::OcspChecker>,
+    pub posture: Option<Arc<crate::policy::PostureStore>>,
+    /// Notified when something outside the session (a posture push) asks
+    /// for an evaluation now.
+    pub reevaluate: Arc<tokio::sync::Notify>,
 }
 
 /// Waits until the session must end and returns why. Re-evaluates the
@@ -83,6 +87,11 @@ pub async fn supervise(
                     return CloseRequest::new(Code::GoingAway, "the gateway is shutting down");
                 }
             }
+            _ = state.reevaluate.notified() => {
+                if let Err(request) = reevaluate(state, config, "requested").await {
+                    return request;
+                }
+            }
             changed = generations.changed() => {
                 if changed.is_ok() {
                     if let Err(request) = reevaluate(state, config, "config-reload").await {
@@ -119,6 +128,7 @@ async fn reevaluate(
         session_started: Some(state.started),
         previous: Some(state.admitted.decision.outcome()),
         ocsp: state.ocsp.as_ref(),
+        posture: state.posture.as_deref(),
     };
     match admission::admit(&generation, &request).await {
         Ok(admitted) => {
