@@ -179,11 +179,14 @@ fn serve(config: PathBuf) -> ExitCode {
             println!("ztgate: listening quic {addr}");
         }
         tracing::info!(config = %config.display(), "gateway started");
+        notify_systemd(&[sd_notify::NotifyState::Ready]);
+        spawn_watchdog();
         let signals = wait_for_signals(&gateway).await;
         if let Err(e) = signals {
             tracing::error!(error = %e, "cannot install signal handlers");
         }
         tracing::info!("gateway stopping");
+        notify_systemd(&[sd_notify::NotifyState::Stopping]);
         gateway.shutdown().await;
         tracing::info!("gateway stopped");
         ExitCode::SUCCESS
@@ -201,8 +204,33 @@ async fn wait_for_signals(gateway: &Gateway) -> std::io::Result<()> {
             _ = int.recv() => return Ok(()),
             _ = hup.recv() => {
                 tracing::info!("SIGHUP received; reloading the configuration");
+                notify_systemd(&[sd_notify::NotifyState::Reloading]);
                 let _ = gateway.reload().await;
+                notify_systemd(&[sd_notify::NotifyState::Ready]);
             }
         }
     }
+}
+
+/// Tells systemd about a state change; does nothing outside systemd.
+fn notify_systemd(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// Pings systemd's watchdog at half its interval, when the unit sets WatchdogSec.
+fn spawn_watchdog() {
+    let mut usec = 0u64;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return;
+    }
+    let interval = Duration::from_micros(usec / 2);
+    tracing::info!(interval = ?interval, "systemd watchdog enabled");
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(interval).await;
+            notify_systemd(&[sd_notify::NotifyState::Watchdog]);
+        }
+    });
 }
