@@ -23,6 +23,7 @@ pub struct Gateway {
     shared: Arc<Shared>,
     quic_addrs: Vec<SocketAddr>,
     admin: Option<AdminHandle>,
+    metrics_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
@@ -67,10 +68,17 @@ impl Gateway {
         } else {
             None
         };
+        let metrics_addr = match generation.metrics_listen {
+            Some(addr) => {
+                Some(crate::telemetry::metrics::serve(addr, shared.shutdown.clone()).await?)
+            }
+            None => None,
+        };
         Ok(Gateway {
             shared,
             quic_addrs,
             admin,
+            metrics_addr,
             shutdown,
             tasks,
         })
@@ -79,6 +87,11 @@ impl Gateway {
     /// The bound QUIC addresses, in config order (port 0 resolved).
     pub fn quic_addrs(&self) -> &[SocketAddr] {
         &self.quic_addrs
+    }
+
+    /// The bound metrics listener, when configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The admin API's listeners, when configured.

@@ -200,3 +200,93 @@ async fn reload_moving_upstream_applies_to_new_streams() {
         );
     }
 }
+
+#[tokio::test]
+async fn metrics_count_the_traffic_sent() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let gw = TestGateway::start(
+        "127.0.0.1:0",
+        &[App::wiki(upstream)],
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .await;
+    let metrics_addr = gw.gateway.metrics_addr().expect("metrics listener");
+    let (_client, tunnel) = connect(gw.addr(), "DEV-0001", WIKI).await;
+    let payload = pattern(100_000, 3);
+    assert_eq!(echo_once(&tunnel, &payload).await, payload);
+    let _ = refusal(gw.addr(), "DEV-0003", WIKI).await;
+    // Metrics are process-wide and other tests run in this process, so the
+    // check is that this test's traffic is counted, at least.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let out = tokio::process::Command::new("curl")
+            .args(["-sS", "--max-time", "5"])
+            .arg(format!("http://{metrics_addr}/metrics"))
+            .output()
+            .await
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let bytes = metric_value(
+            &text,
+            "ztgate_bytes_total{application=\"wiki\",direction=\"to_upstream\"}",
+        );
+        if bytes >= 100_000.0 || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        metric_value(
+            &text,
+            "ztgate_bytes_total{application=\"wiki\",direction=\"to_upstream\"}"
+        ) >= 100_000.0,
+        "{text}"
+    );
+    assert!(
+        metric_value(
+            &text,
+            "ztgate_bytes_total{application=\"wiki\",direction=\"to_client\"}"
+        ) >= 100_000.0,
+        "{text}"
+    );
+    assert!(
+        metric_value(
+            &text,
+            "ztgate_connections_total{outcome=\"admitted\",code=\"no-error\"}"
+        ) >= 1.0,
+        "{text}"
+    );
+    assert!(
+        metric_value(
+            &text,
+            "ztgate_connections_total{outcome=\"refused\",code=\"policy-denied\"}"
+        ) >= 1.0,
+        "{text}"
+    );
+    assert!(
+        metric_value(&text, "ztgate_streams_total{application=\"wiki\"}") >= 1.0,
+        "{text}"
+    );
+    assert!(
+        metric_value(
+            &text,
+            "ztgate_policy_decisions_total{engine=\"builtin\",outcome=\"deny\"}"
+        ) >= 1.0,
+        "{text}"
+    );
+    assert!(
+        text.contains("ztgate_policy_decision_duration_seconds_bucket"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ztgate_upstream_connect_duration_seconds_bucket"),
+        "{text}"
+    );
+}
+
+fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}

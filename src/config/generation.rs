@@ -72,6 +72,7 @@ pub struct Generation {
     /// How long before a cached OCSP answer expires it is asked again.
     pub ocsp_refresh_margin: Duration,
     pub admin: crate::admin::AdminSettings,
+    pub metrics_listen: Option<SocketAddr>,
     pub state_dir: Option<PathBuf>,
 }
 

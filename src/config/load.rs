@@ -616,6 +616,19 @@ fn build(
         ocsp: ocsp_settings(c, &raw.ocsp)?,
         ocsp_refresh_margin: Duration::from_secs(raw.ocsp.refresh_margin_secs.unwrap_or(60)),
         admin: admin_settings(c, base, &raw.admin)?,
+        metrics_listen: match raw.metrics.listen.as_deref() {
+            None => None,
+            Some(value) => match value.parse::<SocketAddr>() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    c.push(
+                        "metrics.listen",
+                        format!("{value:?} is not an IP:PORT such as \"127.0.0.1:9190\""),
+                    );
+                    return None;
+                }
+            },
+        },
         state_dir: raw.gateway.state_dir.as_deref().map(|d| resolve(base, d)),
         audit: match raw.log.audit.as_str() {
             "stderr" => crate::telemetry::AuditSink::Stderr,

@@ -19,6 +19,8 @@ pub struct RawConfig {
     pub ocsp: RawOcsp,
     #[serde(default)]
     pub admin: RawAdmin,
+    #[serde(default)]
+    pub metrics: RawMetrics,
     #[serde(default, rename = "device_ca")]
     pub device_cas: Vec<RawDeviceCa>,
     #[serde(default, rename = "application")]
@@ -244,6 +246,13 @@ pub struct RawOcsp {
     pub cache_size: Option<usize>,
     /// How long before a cached answer expires live sessions ask again.
     pub refresh_margin_secs: Option<u64>,
+}
+
+/// The Prometheus metrics listener.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawMetrics {
+    /// Address to serve `GET /metrics` on, such as "127.0.0.1:9190".
+    pub listen: Option<String>,
 }
 
 /// The local admin API.

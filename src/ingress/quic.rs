@@ -11,6 +11,7 @@ use crate::forward::{pump, PumpEnd, ResetCodes};
 use crate::policy::Transport;
 use crate::protocol::{self, Admitted as AdmittedMsg, Code, ControlMessage, Refusal};
 use crate::session::{supervise, SessionState};
+use crate::telemetry::metrics;
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::pki_types::CertificateDer;
 use std::net::SocketAddr;
@@ -201,6 +202,7 @@ async fn handle_connection(
     let (sni, connection) = match result {
         Err(_) => {
             stats.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
+            metrics::handshake("timeout");
             if shared
                 .refusal_log
                 .check(remote.ip(), Instant::now())
@@ -212,10 +214,14 @@ async fn handle_connection(
         }
         Ok((sni, Err(e))) => {
             stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+            metrics::handshake("failed");
             log_handshake_failure(&shared, remote, sni.as_deref(), &outcome, &e);
             return;
         }
-        Ok((sni, Ok(c))) => (sni, c),
+        Ok((sni, Ok(c))) => {
+            metrics::handshake("ok");
+            (sni, c)
+        }
     };
     let verified_now = outcome.lock().map(|o| o.verified).unwrap_or(false);
     let chain: Vec<CertificateDer<'static>> = connection
@@ -292,6 +298,7 @@ async fn run_admitted(
         Ok(a) => a,
         Err(refused) => {
             stats.refused.fetch_add(1, Ordering::Relaxed);
+            metrics::connection("refused", refused.code.name());
             log_refusal(&shared, remote, resumed, &refused);
             refuse(
                 &connection,
@@ -323,6 +330,7 @@ async fn run_admitted(
         Ok(g) => g,
         Err(close) => {
             stats.refused.fetch_add(1, Ordering::Relaxed);
+            metrics::connection("refused", close.code.name());
             if shared
                 .refusal_log
                 .check(remote.ip(), Instant::now())
@@ -347,6 +355,9 @@ async fn run_admitted(
     };
     span.record("session", guard.entry.id);
     stats.admitted.fetch_add(1, Ordering::Relaxed);
+    metrics::connection("admitted", "no-error");
+    metrics::sessions_active(1.0);
+    let _gauge = SessionGauge;
     let expires_in = admitted.deadline.as_ref().map(|d| {
         d.at.saturating_duration_since(Instant::now())
             .as_secs_f64()
@@ -397,6 +408,7 @@ async fn run_admitted(
     match ending {
         Some(request) => {
             info!(code = request.code.name(), reason = %request.reason, bytes_to_upstream = up, bytes_to_client = down, duration_ms = started.elapsed().as_millis() as u64, "session closed by the gateway");
+            metrics::session_closed(request.code.name());
             let message = ControlMessage::Closing(Refusal {
                 code: request.code,
                 reason: request.reason.clone(),
@@ -501,9 +513,14 @@ async fn forward_stream(
         return;
     }
     let started = Instant::now();
+    metrics::stream_opened(&application.name);
     let tcp = match application.upstream.connect().await {
-        Ok(tcp) => tcp,
+        Ok(tcp) => {
+            metrics::upstream_connect(&application.name, Ok(started.elapsed()));
+            tcp
+        }
         Err(e) => {
+            metrics::upstream_connect(&application.name, Err(()));
             warn!(stream = stream_id, upstream = %application.upstream.display(), error = %e, "upstream unreachable; stream reset");
             let _ = send.reset(Code::UpstreamUnreachable.into());
             let _ = recv.stop(Code::UpstreamUnreachable.into());
@@ -525,6 +542,7 @@ async fn forward_stream(
         buffer,
     )
     .await;
+    metrics::stream_bytes(&application.name, stats.to_tcp, stats.to_stream);
     entry
         .bytes_to_upstream
         .fetch_add(stats.to_tcp, Ordering::Relaxed);
@@ -541,5 +559,14 @@ async fn forward_stream(
         other => {
             debug!(stream = stream_id, end = ?other, to_upstream = stats.to_tcp, to_client = stats.to_stream, "stream ended abruptly")
         }
+    }
+}
+
+/// Lowers the live-session gauge when the session's task ends, however it ends.
+struct SessionGauge;
+
+impl Drop for SessionGauge {
+    fn drop(&mut self) {
+        metrics::sessions_active(-1.0);
     }
 }

@@ -176,6 +176,11 @@ fn audit(
     cache_hit: bool,
 ) {
     let latency_us = latency.as_micros() as u64;
+    let outcome = result.map(|d| d.outcome()).unwrap_or("error");
+    metrics::counter!(crate::telemetry::metrics::POLICY_DECISIONS_TOTAL, "engine" => engine, "outcome" => outcome)
+        .increment(1);
+    metrics::histogram!(crate::telemetry::metrics::POLICY_DECISION_SECONDS, "engine" => engine)
+        .record(latency.as_secs_f64());
     match result {
         Ok(decision) => {
             let reason = match decision {

@@ -1,5 +1,7 @@
 //! Tracing setup and rate limits for repetitive log lines.
 
+pub mod metrics;
+
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Mutex, OnceLock};
