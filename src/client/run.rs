@@ -7,6 +7,7 @@ use crate::protocol::Code;
 use rand::Rng;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -58,7 +59,8 @@ pub async fn run_connect(options: ConnectOptions) -> Result<(), String> {
     }
     let tls = client_tls_config(&options.cert, &options.key, &options.ca)?;
     let gateway = resolve_gateway(&options.gateway).await?;
-    let client = Client::new(tls, gateway, &options.app, None)?;
+    let client = Arc::new(Client::new(tls, gateway, &options.app, None)?);
+    tokio::spawn(follow_network_changes(client.clone()));
 
     if options.stdio {
         return run_stdio(&client, options.connect_timeout).await;
@@ -108,6 +110,25 @@ pub async fn run_connect(options: ConnectOptions) -> Result<(), String> {
         let jitter = rand::thread_rng().gen_range(0..=backoff.as_millis() as u64 / 2);
         tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
         backoff = (backoff * 2).min(options.max_backoff);
+    }
+}
+
+/// Moves the QUIC endpoint to a fresh socket after every network change, so
+/// open connections migrate to the new network instead of waiting for their
+/// next packet to be lost.
+async fn follow_network_changes(client: Arc<Client>) {
+    let mut changes = super::netwatch::watch_network();
+    while let Some(change) = changes.recv().await {
+        match client.rebind() {
+            Ok(local) => say(&format!(
+                "network changed ({}, {} events); moved to UDP {local}",
+                change.cause, change.events
+            )),
+            Err(e) => say(&format!(
+                "network changed ({}); cannot move to a new socket: {e}",
+                change.cause
+            )),
+        }
     }
 }
 

