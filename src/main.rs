@@ -60,6 +60,12 @@ enum Command {
         /// Longest pause between reconnect attempts, in seconds.
         #[arg(long, default_value_t = 30)]
         max_backoff_secs: u64,
+        /// Interval of QUIC keep-alive packets on an idle tunnel, in seconds; keeps NAT mappings open.
+        #[arg(long, default_value_t = 10)]
+        keep_alive_secs: u64,
+        /// QUIC idle timeout this client advertises, in seconds; the smaller of both sides' values applies.
+        #[arg(long, default_value_t = 60)]
+        idle_timeout_secs: u64,
     },
     /// Validate a config file and report every error.
     CheckConfig {
@@ -104,6 +110,8 @@ fn main() -> ExitCode {
             allow_non_loopback,
             connect_timeout_secs,
             max_backoff_secs,
+            keep_alive_secs,
+            idle_timeout_secs,
         } => {
             if std::env::var_os("RUST_LOG").is_some() {
                 ztgate::telemetry::init("warn", "text");
@@ -119,6 +127,10 @@ fn main() -> ExitCode {
                 allow_non_loopback,
                 connect_timeout: Duration::from_secs(connect_timeout_secs.max(1)),
                 max_backoff: Duration::from_secs(max_backoff_secs.max(1)),
+                quic: ztgate::client::QuicOptions {
+                    keep_alive: Duration::from_secs(keep_alive_secs.max(1)),
+                    idle_timeout: Duration::from_secs(idle_timeout_secs.max(1)),
+                },
             };
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,

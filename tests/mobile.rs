@@ -188,3 +188,121 @@ async fn migration_mid_transfer_keeps_stream() {
     );
     assert!(tunnel.connection.close_reason().is_none());
 }
+
+/// Writes a 32-byte reset key file that only its owner can read.
+fn write_reset_key(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("reset.key");
+    let key: [u8; 32] = std::array::from_fn(|i| (i as u8).wrapping_mul(97).wrapping_add(13));
+    std::fs::write(&path, key).expect("write reset key");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    path
+}
+
+fn serve_command(config: &std::path::Path) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ztgate"));
+    command.arg("serve").arg("--config").arg(config);
+    command
+}
+
+/// Starts `ztgate serve`, kills it (SIGKILL, a crash: no close reaches the
+/// client), starts it again on the same port with the same config, then
+/// writes on the open stream. Returns how the connection ended and how long
+/// after the write, or `None` when it had not ended after `patience`.
+async fn write_after_restart(
+    with_reset_key: bool,
+    patience: Duration,
+) -> Option<(quinn::ConnectionError, Duration)> {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let gateway_extra = if with_reset_key {
+        format!(
+            "reset_key_file = \"{}\"",
+            write_reset_key(scratch.path()).display()
+        )
+    } else {
+        String::new()
+    };
+    let apps = [App::wiki(upstream)];
+    let (_dir, config) = write_config_with("127.0.0.1:0", &apps, &gateway_extra, "");
+    let first = Running::spawn(serve_command(&config), false);
+    let gateway: SocketAddr = first
+        .wait_for("ztgate: listening quic ", Duration::from_secs(20))
+        .parse()
+        .expect("gateway address");
+
+    let (_client, tunnel) = connect(gateway, "DEV-0001", WIKI).await;
+    let (mut send, mut recv) = tunnel.open_stream().await.expect("open");
+    send.write_all(b"one").await.expect("write");
+    let mut echoed = [0u8; 3];
+    tokio::time::timeout(Duration::from_secs(10), recv.read_exact(&mut echoed))
+        .await
+        .expect("echo within 10 s")
+        .expect("read");
+    assert_eq!(&echoed, b"one");
+
+    // Same config, now with the port the first process was given.
+    let (_dir2, config) = write_config_with(&gateway.to_string(), &apps, &gateway_extra, "");
+    drop(first);
+    let second = Running::spawn(serve_command(&config), false);
+    let restarted = second.wait_for("ztgate: listening quic ", Duration::from_secs(20));
+    assert_eq!(restarted, gateway.to_string());
+
+    let written = Instant::now();
+    send.write_all(b"two").await.expect("write after restart");
+    let ended = tokio::time::timeout(patience, tunnel.connection.closed()).await;
+    ended.ok().map(|error| (error, written.elapsed()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stateless_reset_after_restart() {
+    // The test config's idle timeout is 30 s; the reset must come far sooner.
+    let ended = write_after_restart(true, Duration::from_secs(5)).await;
+    let Some((error, after)) = ended else {
+        panic!("the client did not learn of the restart within 5 s");
+    };
+    assert_eq!(
+        error,
+        quinn::ConnectionError::Reset,
+        "ended after {after:?}"
+    );
+    assert!(after < Duration::from_secs(5), "reset after {after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_without_reset_key_sends_no_reset() {
+    // Without a shared key the new process cannot make a valid reset token,
+    // so the client waits for its idle timeout instead.
+    let ended = write_after_restart(false, Duration::from_secs(3)).await;
+    assert!(ended.is_none(), "the connection ended early: {ended:?}");
+}
+
+#[test]
+fn reset_key_file_is_checked() {
+    use std::os::unix::fs::PermissionsExt;
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let key = write_reset_key(scratch.path());
+    let apps = [App::wiki("127.0.0.1:9".parse().expect("addr"))];
+    let extra = format!(
+        "reset_key_file = \"{}\"\nmin_reset_interval_ms = 50",
+        key.display()
+    );
+    let (_dir, config) = write_config_with("127.0.0.1:0", &apps, &extra, "");
+    let generation = ztgate::config::load_generation(&config, 1).expect("valid config");
+    assert!(generation.reset_key.is_some());
+    assert_eq!(generation.min_reset_interval, Duration::from_millis(50));
+
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    let errors = ztgate::config::load_generation(&config, 1)
+        .expect_err("a group-readable key file is refused")
+        .to_string();
+    assert!(errors.contains("gateway.reset_key_file"), "{errors}");
+    assert!(errors.contains("mode 0640"), "{errors}");
+
+    std::fs::write(&key, b"too short").expect("write");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let errors = ztgate::config::load_generation(&config, 1)
+        .expect_err("a short key file is refused")
+        .to_string();
+    assert!(errors.contains("at least 32 random bytes"), "{errors}");
+}

@@ -25,6 +25,7 @@ pub struct ConnectOptions {
     pub allow_non_loopback: bool,
     pub connect_timeout: Duration,
     pub max_backoff: Duration,
+    pub quic: super::QuicOptions,
 }
 
 fn say(message: &str) {
@@ -59,7 +60,20 @@ pub async fn run_connect(options: ConnectOptions) -> Result<(), String> {
     }
     let tls = client_tls_config(&options.cert, &options.key, &options.ca)?;
     let gateway = resolve_gateway(&options.gateway).await?;
-    let client = Arc::new(Client::new(tls, gateway, &options.app, None)?);
+    if options.quic.keep_alive >= options.quic.idle_timeout {
+        return Err(format!(
+            "--keep-alive-secs ({}) must be shorter than --idle-timeout-secs ({}), or an idle tunnel times out between keep-alives",
+            options.quic.keep_alive.as_secs(),
+            options.quic.idle_timeout.as_secs()
+        ));
+    }
+    let client = Arc::new(Client::with_options(
+        tls,
+        gateway,
+        &options.app,
+        None,
+        options.quic,
+    )?);
     tokio::spawn(follow_network_changes(client.clone()));
 
     if options.stdio {

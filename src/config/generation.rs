@@ -45,6 +45,44 @@ pub struct Limits {
     pub copy_buffer_bytes: usize,
 }
 
+/// A 32-byte secret from which every node that shares the reset key file
+/// derives the same stateless reset tokens. Debug output hides it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ResetKey(pub [u8; 32]);
+
+impl std::fmt::Debug for ResetKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResetKey(..)")
+    }
+}
+
+impl ResetKey {
+    /// Derives the key as HMAC-SHA256, keyed with a fixed label, of the
+    /// file's contents, so the file's bytes are used only for this purpose.
+    pub fn derive(contents: &[u8]) -> ResetKey {
+        let label = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"ztgate stateless reset key v1");
+        let tag = ring::hmac::sign(&label, contents);
+        let mut key = [0u8; 32];
+        key.copy_from_slice(tag.as_ref());
+        ResetKey(key)
+    }
+
+    /// The HMAC key quinn signs reset tokens with.
+    pub fn hmac_key(&self) -> ring::hmac::Key {
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.0)
+    }
+
+    /// The key that signs connection IDs. An endpoint sends a stateless reset
+    /// only for a connection ID that carries its signature, so a restarted
+    /// gateway must sign with the key its predecessor used.
+    pub fn connection_id_key(&self) -> u64 {
+        let tag = ring::hmac::sign(&self.hmac_key(), b"connection id signing key");
+        let mut key = [0u8; 8];
+        key.copy_from_slice(&tag.as_ref()[..8]);
+        u64::from_le_bytes(key)
+    }
+}
+
 /// A validated configuration with everything built from it.
 pub struct Generation {
     /// Increases by one with every successful load.
@@ -58,6 +96,11 @@ pub struct Generation {
     pub policy: Arc<dyn PolicyClient>,
     pub hardware_bound_oid: Option<String>,
     pub udp_buffers: crate::ingress::udp::UdpBuffers,
+    /// Stateless reset key, derived from `gateway.reset_key_file`; `None`
+    /// when the file is not configured.
+    pub reset_key: Option<ResetKey>,
+    /// Shortest interval between two stateless resets an endpoint sends.
+    pub min_reset_interval: Duration,
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub log_level: String,
@@ -152,6 +195,13 @@ impl ConfigHandle {
                         old = ?old.listen,
                         new = ?generation.listen,
                         "gateway.listen changed; listen addresses take effect only after a restart"
+                    );
+                }
+                if old.reset_key != generation.reset_key
+                    || old.min_reset_interval != generation.min_reset_interval
+                {
+                    tracing::warn!(
+                        "gateway.reset_key_file or gateway.min_reset_interval_ms changed; stateless reset settings take effect only after a restart"
                     );
                 }
                 if old.log_level != generation.log_level {

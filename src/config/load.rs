@@ -1,6 +1,6 @@
 //! Reading and validating a config file into a [`Generation`].
 
-use super::generation::{Application, Generation, Limits, Timeouts};
+use super::generation::{Application, Generation, Limits, ResetKey, Timeouts};
 use super::schema::{RawAccess, RawConfig};
 use crate::forward::Upstream;
 use crate::identity::{DeviceCa, TrustStore};
@@ -214,6 +214,37 @@ fn read_key(c: &mut Collector, key: &str, path: &Path) -> Option<PrivateKeyDer<'
     }
 }
 
+/// Shortest reset key file accepted, in bytes.
+const MIN_RESET_KEY_BYTES: usize = 32;
+
+fn read_reset_key(c: &mut Collector, path: &Path) -> Option<ResetKey> {
+    const KEY: &str = "gateway.reset_key_file";
+    if let Err(e) = check_secret_file_mode(path) {
+        c.push(KEY, e);
+        return None;
+    }
+    let contents = match std::fs::read(path) {
+        Ok(contents) => contents,
+        Err(e) => {
+            c.push(KEY, format!("cannot read {}: {e}", path.display()));
+            return None;
+        }
+    };
+    if contents.len() < MIN_RESET_KEY_BYTES {
+        c.push(
+            KEY,
+            format!(
+                "{} holds {} bytes; it needs at least {MIN_RESET_KEY_BYTES} random bytes, such as from `head -c 32 /dev/urandom > {}`",
+                path.display(),
+                contents.len(),
+                path.display()
+            ),
+        );
+        return None;
+    }
+    Some(ResetKey::derive(&contents))
+}
+
 fn parse_listen(c: &mut Collector, key: &str, value: &str) -> Option<SocketAddr> {
     match value.parse::<SocketAddr>() {
         Ok(addr) => Some(addr),
@@ -290,6 +321,12 @@ fn build(
         }
         _ => None,
     };
+
+    let reset_key = raw
+        .gateway
+        .reset_key_file
+        .as_ref()
+        .and_then(|file| read_reset_key(c, &resolve(base, file)));
 
     // Timeouts and limits.
     let g = &raw.gateway;
@@ -551,6 +588,8 @@ fn build(
             receive: g.udp_receive_buffer_bytes,
             send: g.udp_send_buffer_bytes,
         },
+        reset_key,
+        min_reset_interval: Duration::from_millis(g.min_reset_interval_ms),
         timeouts: Timeouts {
             handshake: Duration::from_millis(g.handshake_timeout_ms),
             idle: Duration::from_secs(g.idle_timeout_secs),

@@ -43,6 +43,12 @@ pub struct RawGateway {
     pub udp_receive_buffer_bytes: usize,
     #[serde(default = "defaults::udp_buffer")]
     pub udp_send_buffer_bytes: usize,
+    /// Secret file from which the stateless reset key is derived; must not be
+    /// readable by group or others. Without it each start uses a random key.
+    #[serde(default)]
+    pub reset_key_file: Option<String>,
+    #[serde(default = "defaults::min_reset_interval_ms")]
+    pub min_reset_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -186,6 +192,10 @@ pub mod defaults {
     }
     pub fn keep_alive_secs() -> u64 {
         15
+    }
+    /// quinn's own default (`EndpointConfig::min_reset_interval`).
+    pub fn min_reset_interval_ms() -> u64 {
+        20
     }
     pub fn admission_timeout_ms() -> u64 {
         5_000

@@ -76,6 +76,25 @@ fn server_config(
     Ok((config, outcome))
 }
 
+/// The endpoint settings: the stateless reset and connection ID signing keys
+/// derived from `gateway.reset_key_file`, or quinn's random ones, and the
+/// reset interval.
+fn endpoint_config(generation: &Generation) -> quinn::EndpointConfig {
+    let mut config = match &generation.reset_key {
+        Some(key) => {
+            let mut config = quinn::EndpointConfig::new(Arc::new(key.hmac_key()));
+            let cid_key = key.connection_id_key();
+            config.cid_generator(move || {
+                Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+            });
+            config
+        }
+        None => quinn::EndpointConfig::default(),
+    };
+    config.min_reset_interval(generation.min_reset_interval);
+    config
+}
+
 /// Binds one endpoint per configured listen address.
 pub fn bind_quic(shared: &Arc<Shared>) -> std::io::Result<Vec<QuicIngress>> {
     let generation = shared.config.current();
@@ -92,7 +111,7 @@ pub fn bind_quic(shared: &Arc<Shared>) -> std::io::Result<Vec<QuicIngress>> {
             std::io::Error::new(e.kind(), format!("cannot listen on UDP {addr}: {e}"))
         })?;
         let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            endpoint_config(&generation),
             Some(config),
             socket,
             Arc::new(quinn::TokioRuntime),

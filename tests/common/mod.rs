@@ -2,8 +2,11 @@
 //! files, upstream servers and clients, all on loopback with port 0.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -60,6 +63,16 @@ require_hardware_bound = true"#
 
 /// Writes a config into its own temp dir and returns (dir, path).
 pub fn write_config(listen: &str, apps: &[App], extra: &str) -> (tempfile::TempDir, PathBuf) {
+    write_config_with(listen, apps, "", extra)
+}
+
+/// Like [`write_config`], with `gateway_extra` lines added to `[gateway]`.
+pub fn write_config_with(
+    listen: &str,
+    apps: &[App],
+    gateway_extra: &str,
+    extra: &str,
+) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("temp dir");
     let pki = pki();
     let mut text = format!(
@@ -70,6 +83,7 @@ private_key = "{pki}/gateway.key"
 handshake_timeout_ms = 3000
 idle_timeout_secs = 30
 keep_alive_secs = 5
+{gateway_extra}
 
 [identity]
 hardware_bound_oid = "1.3.6.1.4.1.55555.1.1"
@@ -216,5 +230,106 @@ pub async fn refusal(
             t.admitted
         ),
         Err(e) => e,
+    }
+}
+
+/// Kills the child when the test ends, whatever happens.
+pub struct Running {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Running {
+    /// Starts `command` and forwards the lines of stdout or stderr.
+    pub fn spawn(mut command: Command, from_stderr: bool) -> Running {
+        command.stdin(Stdio::null());
+        if from_stderr {
+            command.stderr(Stdio::piped()).stdout(Stdio::null());
+        } else {
+            command.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        }
+        let mut child = command.spawn().expect("spawn");
+        let pipe: Box<dyn std::io::Read + Send> = if from_stderr {
+            Box::new(child.stderr.take().expect("stderr"))
+        } else {
+            Box::new(child.stdout.take().expect("stdout"))
+        };
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Running { child, lines }
+    }
+
+    /// Starts `command` and forwards the lines of both stdout and stderr.
+    pub fn spawn_both(mut command: Command) -> Running {
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("spawn");
+        let (tx, lines) = mpsc::channel();
+        let pipes: [Box<dyn std::io::Read + Send>; 2] = [
+            Box::new(child.stdout.take().expect("stdout")),
+            Box::new(child.stderr.take().expect("stderr")),
+        ];
+        for pipe in pipes {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        Running { child, lines }
+    }
+
+    /// Waits (bounded) for a line containing every marker and returns the whole line.
+    pub fn wait_for_all(&self, markers: &[&str], limit: Duration) -> String {
+        let deadline = std::time::Instant::now() + limit;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if markers.iter().all(|m| line.contains(m)) {
+                        return line;
+                    }
+                    seen.push(line);
+                }
+                Err(_) => break,
+            }
+        }
+        panic!("no line with all of {markers:?} within {limit:?}; saw: {seen:#?}");
+    }
+
+    /// Waits (bounded) for a line containing `marker` and returns the text after it.
+    pub fn wait_for(&self, marker: &str, limit: Duration) -> String {
+        let deadline = std::time::Instant::now() + limit;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(pos) = line.find(marker) {
+                        return line[pos + marker.len()..].trim().to_string();
+                    }
+                    seen.push(line);
+                }
+                Err(_) => break,
+            }
+        }
+        panic!("no line with {marker:?} within {limit:?}; saw: {seen:#?}");
     }
 }
