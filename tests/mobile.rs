@@ -306,3 +306,46 @@ fn reset_key_file_is_checked() {
         .to_string();
     assert!(errors.contains("at least 32 random bytes"), "{errors}");
 }
+
+/// `ztgate connect` for DEV-0001 to the wiki, listening on a loopback port.
+fn connect_command(args: &[&str]) -> std::process::Command {
+    let pki = pki();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ztgate"));
+    command
+        .args(["connect", "--app", WIKI, "--listen", "127.0.0.1:0"])
+        .arg("--cert")
+        .arg(pki.join("DEV-0001-chain.pem"))
+        .arg("--key")
+        .arg(pki.join("DEV-0001.key"))
+        .arg("--ca")
+        .arg(pki.join("root-ca.pem"))
+        .args(args);
+    command
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_resumes_tls_session_on_reconnect() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    // Sessions end after 2 s with session-expired, which ztgate connect
+    // answers with a reconnect.
+    let gw = TestGateway::start(
+        "127.0.0.1:0",
+        &[App::wiki(upstream)],
+        "[policy]\nmax_session_secs = 2\n",
+    )
+    .await;
+    let gateway = gw.addr().to_string();
+    let client = Running::spawn(connect_command(&["--gateway", &gateway]), true);
+    client.wait_for("listening on ", Duration::from_secs(20));
+    let stats = &gw.gateway.shared().stats;
+    let resumed = wait_until(Duration::from_secs(20), || {
+        stats.admitted_resumed.load(Ordering::Relaxed) >= 1
+    })
+    .await;
+    assert!(
+        resumed,
+        "no resumed admission after {} admissions",
+        stats.admitted.load(Ordering::Relaxed)
+    );
+    assert!(stats.admitted.load(Ordering::Relaxed) >= 2);
+}

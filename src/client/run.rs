@@ -67,6 +67,9 @@ pub async fn run_connect(options: ConnectOptions) -> Result<(), String> {
             options.quic.idle_timeout.as_secs()
         ));
     }
+    // One client, and so one rustls config and session cache, for the whole
+    // run: every reconnect resumes the TLS session (1 RTT, no certificate
+    // exchange); 0-RTT stays off.
     let client = Arc::new(Client::with_options(
         tls,
         gateway,

@@ -27,6 +27,8 @@ pub struct IngressStats {
     pub handshake_timeouts: AtomicU64,
     pub pending_handshakes: AtomicU64,
     pub admitted: AtomicU64,
+    /// Admitted connections whose TLS handshake resumed an earlier session.
+    pub admitted_resumed: AtomicU64,
     pub refused: AtomicU64,
     pub refused_by_cap: AtomicU64,
     pub streams: AtomicU64,

@@ -368,6 +368,9 @@ async fn run_admitted(
     };
     span.record("session", guard.entry.id);
     stats.admitted.fetch_add(1, Ordering::Relaxed);
+    if resumed {
+        stats.admitted_resumed.fetch_add(1, Ordering::Relaxed);
+    }
     let expires_in = admitted.deadline.as_ref().map(|d| {
         d.at.saturating_duration_since(Instant::now())
             .as_secs_f64()
