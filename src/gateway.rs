@@ -2,7 +2,7 @@
 //! offers reload and shutdown. `ztgate serve` and the tests both use it.
 
 use crate::config::{ConfigErrors, ConfigHandle, Generation};
-use crate::ingress::{bind_quic, Shared};
+use crate::ingress::{bind_quic, bind_tls, Shared};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 pub struct Gateway {
     shared: Arc<Shared>,
     quic_addrs: Vec<SocketAddr>,
+    tls_addrs: Vec<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
@@ -37,14 +38,20 @@ impl Gateway {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let shared = Shared::new(config, shutdown_rx);
         let listeners = bind_quic(&shared)?;
+        let tls_listeners = bind_tls(&shared)?;
         let quic_addrs = listeners.iter().map(|l| l.local_addr).collect();
+        let tls_addrs = tls_listeners.iter().map(|l| l.local_addr).collect();
         let mut tasks = JoinSet::new();
         for listener in listeners {
+            tasks.spawn(listener.run(shared.clone()));
+        }
+        for listener in tls_listeners {
             tasks.spawn(listener.run(shared.clone()));
         }
         Ok(Gateway {
             shared,
             quic_addrs,
+            tls_addrs,
             shutdown,
             tasks,
         })
@@ -53,6 +60,11 @@ impl Gateway {
     /// The bound QUIC addresses, in config order (port 0 resolved).
     pub fn quic_addrs(&self) -> &[SocketAddr] {
         &self.quic_addrs
+    }
+
+    /// The bound TLS-over-TCP addresses, in config order (port 0 resolved).
+    pub fn tls_addrs(&self) -> &[SocketAddr] {
+        &self.tls_addrs
     }
 
     pub fn shared(&self) -> &Arc<Shared> {

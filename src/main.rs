@@ -87,7 +87,7 @@ fn main() -> ExitCode {
                         file.display(),
                         g.applications.len(),
                         g.trust.ca_names().len(),
-                        g.listen.len()
+                        g.listen.len() + g.listen_tls.len()
                     );
                     ExitCode::SUCCESS
                 }
@@ -185,6 +185,9 @@ fn serve(config: PathBuf) -> ExitCode {
         };
         for addr in gateway.quic_addrs() {
             println!("ztgate: listening quic {addr}");
+        }
+        for addr in gateway.tls_addrs() {
+            println!("ztgate: listening tls {addr}");
         }
         tracing::info!(config = %config.display(), "gateway started");
         let signals = wait_for_signals(&gateway).await;

@@ -21,6 +21,8 @@ pub struct Application {
     pub server_name: String,
     pub upstream: Arc<Upstream>,
     pub labels: BTreeMap<String, String>,
+    /// ALPN protocols offered on the TLS-over-TCP ingress, in preference order; empty for none.
+    pub tls_alpn: Vec<Vec<u8>>,
 }
 
 #[derive(Debug, Clone)]
@@ -89,6 +91,8 @@ pub struct Generation {
     pub id: u64,
     pub source: PathBuf,
     pub listen: Vec<SocketAddr>,
+    /// TLS-over-TCP listen addresses.
+    pub listen_tls: Vec<SocketAddr>,
     pub certified_key: Arc<rustls::sign::CertifiedKey>,
     pub trust: Arc<TrustStore>,
     /// Applications by lower-cased server name.
@@ -113,6 +117,7 @@ impl std::fmt::Debug for Generation {
             .field("id", &self.id)
             .field("source", &self.source)
             .field("listen", &self.listen)
+            .field("listen_tls", &self.listen_tls)
             .field(
                 "applications",
                 &self.applications.keys().collect::<Vec<_>>(),
@@ -190,11 +195,13 @@ impl ConfigHandle {
             Ok(generation) => {
                 self.next_id.store(id + 1, Ordering::Relaxed);
                 let old = self.current();
-                if old.listen != generation.listen {
+                if old.listen != generation.listen || old.listen_tls != generation.listen_tls {
                     tracing::warn!(
                         old = ?old.listen,
                         new = ?generation.listen,
-                        "gateway.listen changed; listen addresses take effect only after a restart"
+                        old_tls = ?old.listen_tls,
+                        new_tls = ?generation.listen_tls,
+                        "gateway.listen or gateway.listen_tls changed; listen addresses take effect only after a restart"
                     );
                 }
                 if old.reset_key != generation.reset_key

@@ -271,15 +271,21 @@ fn build(
 ) -> Option<Generation> {
     // Listeners.
     let mut listen = Vec::new();
-    if raw.gateway.listen.is_empty() {
+    if raw.gateway.listen.is_empty() && raw.gateway.listen_tls.is_empty() {
         c.push(
             "gateway.listen",
-            "no listen address; add at least one, such as \"0.0.0.0:4433\"",
+            "no listen address; add at least one, such as \"0.0.0.0:4433\", or a TLS-over-TCP address to gateway.listen_tls",
         );
     }
     for (i, l) in raw.gateway.listen.iter().enumerate() {
         if let Some(addr) = parse_listen(c, &format!("gateway.listen[{i}]"), l) {
             listen.push(addr);
+        }
+    }
+    let mut listen_tls = Vec::new();
+    for (i, l) in raw.gateway.listen_tls.iter().enumerate() {
+        if let Some(addr) = parse_listen(c, &format!("gateway.listen_tls[{i}]"), l) {
+            listen_tls.push(addr);
         }
     }
 
@@ -550,12 +556,14 @@ fn build(
             }
         };
         check_access(c, i, &app.access, &ca_names);
+        let tls_alpn = check_tls_alpn(c, i, &app.tls_alpn);
         if let Some(upstream) = upstream {
             let application = Arc::new(Application {
                 name: app.name.clone(),
                 server_name: server_name.clone(),
                 upstream,
                 labels: app.labels.clone(),
+                tls_alpn,
             });
             rules.insert(app.name.clone(), AccessRules::from_raw(&app.access));
             applications.insert(server_name, application);
@@ -579,6 +587,7 @@ fn build(
         id,
         source: source.to_path_buf(),
         listen,
+        listen_tls,
         certified_key: certified?,
         trust: trust?,
         applications,
@@ -622,6 +631,27 @@ fn certificate_covers(cert: &CertificateDer<'_>, name: &str) -> bool {
         return false;
     };
     ee.verify_is_valid_for_subject_name(&server_name).is_ok()
+}
+
+/// Validates an application's TLS-over-TCP ALPN list and returns it as bytes.
+fn check_tls_alpn(c: &mut Collector, i: usize, protocols: &[String]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for (j, protocol) in protocols.iter().enumerate() {
+        let key = format!("application[{i}].tls_alpn[{j}]");
+        if protocol.as_bytes() == crate::protocol::ALPN {
+            c.push(
+                key,
+                "ztgate/1 is the QUIC ingress protocol and is not spoken over TLS over TCP; list the application's own protocols, such as \"http/1.1\"",
+            );
+        } else if protocol.is_empty() || protocol.len() > 255 {
+            c.push(key, "an ALPN protocol name must be 1 to 255 bytes long");
+        } else if out.iter().any(|p: &Vec<u8>| p == protocol.as_bytes()) {
+            c.push(key, format!("{protocol:?} is listed twice"));
+        } else {
+            out.push(protocol.as_bytes().to_vec());
+        }
+    }
+    out
 }
 
 fn check_access(c: &mut Collector, i: usize, access: &RawAccess, ca_names: &HashSet<String>) {

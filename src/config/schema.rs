@@ -24,7 +24,11 @@ pub struct RawConfig {
 #[derive(Debug, Clone, Deserialize)]
 pub struct RawGateway {
     /// QUIC listen addresses, `host:port`; IPv6 in brackets.
+    #[serde(default)]
     pub listen: Vec<String>,
+    /// TLS-over-TCP listen addresses, for networks that block UDP.
+    #[serde(default)]
+    pub listen_tls: Vec<String>,
     /// PEM file with the gateway's certificate chain, leaf first.
     pub certificate: String,
     /// PEM file with the gateway's private key; must not be readable by group or others.
@@ -153,6 +157,9 @@ pub struct RawApplication {
     pub upstream: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// ALPN protocols offered on the TLS-over-TCP ingress for this application.
+    #[serde(default)]
+    pub tls_alpn: Vec<String>,
     #[serde(default)]
     pub access: RawAccess,
 }

@@ -1,14 +1,17 @@
-//! Listeners: the QUIC ingress, the shared state every ingress uses, and the
-//! control stream writer.
+//! Listeners: the QUIC and TLS-over-TCP ingresses, the shared state every
+//! ingress uses, and the control stream writer.
 
 mod control;
+pub mod duplex;
 pub mod path;
 pub mod quic;
+pub mod tls;
 mod tls_config;
 pub mod udp;
 
 pub use control::ControlWriter;
 pub use quic::{bind_quic, QuicIngress};
+pub use tls::{bind_tls, TlsIngress};
 pub use tls_config::server_tls_config;
 
 use crate::config::ConfigHandle;
@@ -42,9 +45,13 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     pub stats: IngressStats,
     pub shutdown: watch::Receiver<bool>,
-    /// TLS session cache shared across config generations, so a reload does
-    /// not force every device through a full handshake.
+    /// TLS session cache of the QUIC ingress, shared across config
+    /// generations, so a reload does not force every device through a full
+    /// handshake.
     pub session_cache: Arc<dyn rustls::server::StoresServerSessions>,
+    /// The same for the TLS-over-TCP ingress, kept apart so that a session
+    /// is resumed only on the transport it was made on.
+    pub tls_session_cache: Arc<dyn rustls::server::StoresServerSessions>,
     pub refusal_log: PerSourceLimiter,
 }
 
@@ -56,6 +63,7 @@ impl Shared {
             stats: IngressStats::default(),
             shutdown,
             session_cache: rustls::server::ServerSessionMemoryCache::new(16 * 1024),
+            tls_session_cache: rustls::server::ServerSessionMemoryCache::new(16 * 1024),
             refusal_log: PerSourceLimiter::new(20, Duration::from_secs(10)),
         })
     }

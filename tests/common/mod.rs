@@ -45,6 +45,8 @@ pub struct App {
     pub upstream: String,
     /// TOML lines of the access table.
     pub access: String,
+    /// More TOML lines of the `[[application]]` table, such as `tls_alpn`.
+    pub extra: String,
 }
 
 impl App {
@@ -57,6 +59,7 @@ impl App {
 spiffe_prefixes = ["spiffe://example.test/device"]
 require_hardware_bound = true"#
                 .to_string(),
+            extra: String::new(),
         }
     }
 }
@@ -98,8 +101,8 @@ certificates = ["{pki}/device-ca.pem"]
     );
     for app in apps {
         text.push_str(&format!(
-            "\n[[application]]\nname = \"{}\"\nserver_name = \"{}\"\nupstream = \"{}\"\n[application.access]\n{}\n",
-            app.name, app.server_name, app.upstream, app.access
+            "\n[[application]]\nname = \"{}\"\nserver_name = \"{}\"\nupstream = \"{}\"\n{}\n[application.access]\n{}\n",
+            app.name, app.server_name, app.upstream, app.extra, app.access
         ));
     }
     let path = dir.path().join("ztgate.toml");
@@ -121,7 +124,17 @@ pub struct TestGateway {
 
 impl TestGateway {
     pub async fn start(listen: &str, apps: &[App], extra: &str) -> TestGateway {
-        let (dir, config) = write_config(listen, apps, extra);
+        TestGateway::start_with(listen, apps, "", extra).await
+    }
+
+    /// Like [`TestGateway::start`], with `gateway_extra` lines added to `[gateway]`.
+    pub async fn start_with(
+        listen: &str,
+        apps: &[App],
+        gateway_extra: &str,
+        extra: &str,
+    ) -> TestGateway {
+        let (dir, config) = write_config_with(listen, apps, gateway_extra, extra);
         let gateway = Gateway::start(&config).await.expect("gateway starts");
         TestGateway {
             gateway,
@@ -132,6 +145,11 @@ impl TestGateway {
 
     pub fn addr(&self) -> SocketAddr {
         self.gateway.quic_addrs()[0]
+    }
+
+    /// The first TLS-over-TCP listener's address.
+    pub fn tls_addr(&self) -> SocketAddr {
+        self.gateway.tls_addrs()[0]
     }
 }
 
