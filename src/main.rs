@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use ztgate::client::{run_connect, ConnectOptions};
+use ztgate::client::{run_connect, ConnectOptions, TransportChoice};
 use ztgate::config::ConfigHandle;
 use ztgate::gateway::Gateway;
 
@@ -33,6 +33,15 @@ enum Command {
         /// Gateway QUIC address, HOST:PORT.
         #[arg(long)]
         gateway: String,
+        /// Gateway TLS-over-TCP address, HOST:PORT; the --gateway address when absent.
+        #[arg(long)]
+        gateway_tls: Option<String>,
+        /// Transport to the gateway: quic, tls (TLS over TCP, for networks that block UDP), or auto (QUIC, falling back to TLS while QUIC does not answer).
+        #[arg(long, value_enum, default_value_t = TransportChoice::Auto)]
+        transport: TransportChoice,
+        /// Milliseconds auto waits for QUIC to answer before it uses TLS over TCP.
+        #[arg(long, default_value_t = 1500)]
+        quic_timeout_ms: u64,
         /// The application's TLS server name, for example wiki.apps.example.com.
         #[arg(long)]
         app: String,
@@ -101,6 +110,9 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(config),
         Command::Connect {
             gateway,
+            gateway_tls,
+            transport,
+            quic_timeout_ms,
             app,
             listen,
             stdio,
@@ -118,6 +130,9 @@ fn main() -> ExitCode {
             }
             let options = ConnectOptions {
                 gateway,
+                gateway_tls,
+                transport,
+                quic_timeout: Duration::from_millis(quic_timeout_ms.max(1)),
                 app,
                 cert,
                 key,

@@ -454,3 +454,129 @@ fn tls_only_gateway_config_is_valid() {
     assert!(generation.listen.is_empty());
     assert_eq!(generation.listen_tls.len(), 1);
 }
+
+/// `ztgate connect` for DEV-0001 to the wiki on a loopback port, with `args`.
+fn connect_command(args: &[String]) -> std::process::Command {
+    let pki = pki();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ztgate"));
+    command
+        .args(["connect", "--app", WIKI, "--listen", "127.0.0.1:0"])
+        .arg("--cert")
+        .arg(pki.join("DEV-0001-chain.pem"))
+        .arg("--key")
+        .arg(pki.join("DEV-0001.key"))
+        .arg("--ca")
+        .arg(pki.join("root-ca.pem"))
+        .args(args);
+    command
+}
+
+/// Sends `payload` through the local listener, half-closes, and returns
+/// what came back before the end.
+async fn echo_via(local: &str, payload: &[u8]) -> Vec<u8> {
+    let mut tcp = TcpStream::connect(local).await.expect("connect local");
+    tcp.write_all(payload).await.expect("write");
+    tcp.shutdown().await.expect("half-close");
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), tcp.read_to_end(&mut back))
+        .await
+        .expect("echo within 20 s")
+        .expect("read");
+    back
+}
+
+fn transports(gw: &TestGateway) -> Vec<ztgate::policy::Transport> {
+    gw.gateway
+        .shared()
+        .registry
+        .all()
+        .iter()
+        .map(|s| s.transport)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_tls_transport_carries_local_connections() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let gw = tls_gateway(&[App::wiki(upstream)], "").await;
+    // Without --gateway-tls the TLS address is the --gateway one.
+    let args = [
+        "--transport".to_string(),
+        "tls".into(),
+        "--gateway".into(),
+        gw.tls_addr().to_string(),
+    ];
+    let client = Running::spawn(connect_command(&args), true);
+    let local = client.wait_for("listening on ", Duration::from_secs(20));
+    let data = pattern(1024 * 1024, 5);
+    assert!(echo_via(&local, &data).await == data, "echoed bytes differ");
+    assert_eq!(echo_via(&local, b"again").await, b"again");
+    let stats = &gw.gateway.shared().stats;
+    assert_eq!(stats.admitted.load(Ordering::Relaxed), 2);
+    assert_eq!(
+        stats.admitted_resumed.load(Ordering::Relaxed),
+        1,
+        "the second TLS connection resumes the first one's session"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_auto_falls_back_to_tls_and_returns_to_quic() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let gw = tls_gateway(&[App::wiki(upstream)], "").await;
+    // QUIC goes through a relay that starts out dropping every datagram.
+    let relay = UdpRelay::start(gw.addr(), "127.0.0.9").await;
+    relay.control.blocked.store(true, Ordering::Relaxed);
+    let args = [
+        "--transport".to_string(),
+        "auto".into(),
+        "--gateway".into(),
+        relay.addr.to_string(),
+        "--gateway-tls".into(),
+        gw.tls_addr().to_string(),
+        "--quic-timeout-ms".into(),
+        "500".into(),
+        "--max-backoff-secs".into(),
+        "1".into(),
+    ];
+    let client = Running::spawn(connect_command(&args), true);
+    client.wait_for("using TLS over TCP", Duration::from_secs(20));
+    let local = client.wait_for("listening on ", Duration::from_secs(20));
+
+    // A held-open connection shows which transport carries it.
+    let mut held = TcpStream::connect(&local).await.expect("connect local");
+    held.write_all(b"over tls").await.expect("write");
+    let mut back = [0u8; 8];
+    tokio::time::timeout(Duration::from_secs(20), held.read_exact(&mut back))
+        .await
+        .expect("echo within 20 s")
+        .expect("read");
+    assert_eq!(&back, b"over tls");
+    assert_eq!(transports(&gw), [ztgate::policy::Transport::Tls]);
+    drop(held);
+
+    // UDP gets through again: the client goes back to QUIC on its own.
+    relay.control.blocked.store(false, Ordering::Relaxed);
+    client.wait_for("admitted to wiki", Duration::from_secs(20));
+    let mut held = TcpStream::connect(&local).await.expect("connect local");
+    held.write_all(b"via quic").await.expect("write");
+    tokio::time::timeout(Duration::from_secs(20), held.read_exact(&mut back))
+        .await
+        .expect("echo within 20 s")
+        .expect("read");
+    assert_eq!(&back, b"via quic");
+    let quic_only = wait_for_transports(&gw, &[ztgate::policy::Transport::Quic]).await;
+    assert!(quic_only, "sessions: {:?}", transports(&gw));
+}
+
+/// Waits until the live sessions use exactly `expected` transports.
+async fn wait_for_transports(gw: &TestGateway, expected: &[ztgate::policy::Transport]) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if transports(gw) == expected {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}

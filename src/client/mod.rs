@@ -3,17 +3,18 @@
 
 pub mod netwatch;
 mod run;
-
-pub use run::{run_connect, ConnectOptions};
+mod tls;
 
 use crate::protocol::{self, Admitted, Code, ControlMessage, ControlReader};
 use quinn::crypto::rustls::QuicClientConfig;
+pub use run::{run_connect, ConnectOptions, TransportChoice};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+pub use tls::TlsDialer;
 
 /// Why a connection attempt or a tunnel ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

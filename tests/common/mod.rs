@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -349,5 +349,134 @@ impl Running {
             }
         }
         panic!("no line with {marker:?} within {limit:?}; saw: {seen:#?}");
+    }
+}
+
+/// What a [`UdpRelay`] does with a client datagram besides forwarding it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spoof {
+    Off,
+    /// Also send a copy from the forged address, after the original.
+    CopyAfter,
+    /// Also send a copy from the forged address, before the original, so
+    /// the copy arrives first.
+    CopyFirst,
+}
+
+/// Switches and counters of a [`UdpRelay`].
+pub struct RelayControl {
+    /// Drop every datagram in both directions, like a network that blocks UDP.
+    pub blocked: std::sync::atomic::AtomicBool,
+    spoof: Mutex<Spoof>,
+    rebind: tokio::sync::Notify,
+    /// Bytes sent to the target from the forged address.
+    pub forged_sent: std::sync::atomic::AtomicU64,
+    /// Bytes the target sent to the forged address (the relay drops them).
+    pub forged_received: std::sync::atomic::AtomicU64,
+    /// The relay's genuine address as the target sees it.
+    pub upstream: Mutex<SocketAddr>,
+}
+
+impl RelayControl {
+    pub fn set_spoof(&self, spoof: Spoof) {
+        *self.spoof.lock().expect("lock") = spoof;
+    }
+
+    /// Moves the genuine upstream side to a new port, as a NAT rebinding does.
+    pub fn rebind(&self) {
+        self.rebind.notify_one();
+    }
+
+    pub fn upstream(&self) -> SocketAddr {
+        *self.upstream.lock().expect("lock")
+    }
+}
+
+/// A UDP relay on loopback for one client: datagrams from the client go to
+/// `target` from the relay's own upstream socket, and answers come back,
+/// like a NAT. It can block traffic, forge copies from `forged_ip`, and
+/// move its upstream port. It stops when dropped or after five minutes.
+pub struct UdpRelay {
+    pub addr: SocketAddr,
+    pub control: Arc<RelayControl>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for UdpRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl UdpRelay {
+    pub async fn start(target: SocketAddr, forged_ip: &str) -> UdpRelay {
+        use std::sync::atomic::Ordering;
+        use tokio::net::UdpSocket;
+        let front = UdpSocket::bind("127.0.0.1:0").await.expect("bind relay");
+        let addr = front.local_addr().expect("addr");
+        let mut upstream = UdpSocket::bind("127.0.0.1:0").await.expect("bind upstream");
+        let forged = UdpSocket::bind(format!("{forged_ip}:0"))
+            .await
+            .expect("bind forged address");
+        let control = Arc::new(RelayControl {
+            blocked: Default::default(),
+            spoof: Mutex::new(Spoof::Off),
+            rebind: tokio::sync::Notify::new(),
+            forged_sent: Default::default(),
+            forged_received: Default::default(),
+            upstream: Mutex::new(upstream.local_addr().expect("addr")),
+        });
+        let c = control.clone();
+        let task = tokio::spawn(async move {
+            let mut client: Option<SocketAddr> = None;
+            let mut from_client = vec![0u8; 65536];
+            let mut from_target = vec![0u8; 65536];
+            let mut to_forged = vec![0u8; 65536];
+            let stop = tokio::time::sleep(Duration::from_secs(300));
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    _ = &mut stop => return,
+                    _ = c.rebind.notified() => {
+                        upstream = UdpSocket::bind("127.0.0.1:0").await.expect("rebind upstream");
+                        *c.upstream.lock().expect("lock") = upstream.local_addr().expect("addr");
+                    }
+                    received = front.recv_from(&mut from_client) => {
+                        let Ok((n, peer)) = received else { continue };
+                        client = Some(peer);
+                        if c.blocked.load(Ordering::Relaxed) {
+                            continue;
+                        }
+                        let datagram = &from_client[..n];
+                        let spoof = *c.spoof.lock().expect("lock");
+                        if spoof == Spoof::CopyFirst {
+                            let _ = forged.send_to(datagram, target).await;
+                            c.forged_sent.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        let _ = upstream.send_to(datagram, target).await;
+                        if spoof == Spoof::CopyAfter {
+                            let _ = forged.send_to(datagram, target).await;
+                            c.forged_sent.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                    }
+                    received = upstream.recv_from(&mut from_target) => {
+                        let Ok((n, _)) = received else { continue };
+                        if let (Some(client), false) = (client, c.blocked.load(Ordering::Relaxed)) {
+                            let _ = front.send_to(&from_target[..n], client).await;
+                        }
+                    }
+                    received = forged.recv_from(&mut to_forged) => {
+                        if let Ok((n, _)) = received {
+                            c.forged_received.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        });
+        UdpRelay {
+            addr,
+            control,
+            task,
+        }
     }
 }
