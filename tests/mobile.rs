@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -348,4 +348,211 @@ async fn connect_resumes_tls_session_on_reconnect() {
         stats.admitted.load(Ordering::Relaxed)
     );
     assert!(stats.admitted.load(Ordering::Relaxed) >= 2);
+}
+
+/// Watches a session's recorded and evaluated addresses every 5 ms and
+/// remembers whether either ever had `ip`.
+fn watch_for_ip(
+    entry: Arc<SessionEntry>,
+    ip: &str,
+) -> (Arc<AtomicBool>, tokio::task::JoinHandle<()>) {
+    let ip: std::net::IpAddr = ip.parse().expect("ip");
+    let seen = Arc::new(AtomicBool::new(false));
+    let flag = seen.clone();
+    let task = tokio::spawn(async move {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while Instant::now() < deadline {
+            if recorded_client(&entry).ip() == ip || evaluated_client(&entry).ip() == ip {
+                flag.store(true, Ordering::Relaxed);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    (seen, task)
+}
+
+#[tokio::test]
+async fn forged_source_address_is_never_recorded() {
+    const TOTAL: usize = 32 * 1024 * 1024;
+    let upstream = echo_server("127.0.0.1:0").await;
+    let gw = TestGateway::start("127.0.0.1:0", &[App::wiki(upstream)], "").await;
+    let relay = UdpRelay::start(gw.addr(), "127.0.0.9").await;
+    let (_client, tunnel) = connect(relay.addr, "DEV-0001", WIKI).await;
+    let entry = only_session(&gw);
+    let genuine = relay.control.upstream();
+    assert_eq!(recorded_client(&entry), genuine);
+    let (forged_seen, watcher) = watch_for_ip(entry.clone(), "127.0.0.9");
+
+    let (send, recv) = tunnel.open_stream().await.expect("open stream");
+    let mut transfer = EchoTransfer::start(send, recv, TOTAL);
+    transfer.wait_for_bytes(2 * 1024 * 1024).await;
+    // Copies of genuine datagrams from 127.0.0.9, after each original.
+    relay.control.set_spoof(Spoof::CopyAfter);
+    transfer.wait_for_bytes(8 * 1024 * 1024).await;
+    // Copies that arrive first, so quinn moves to 127.0.0.9 before
+    // validating it, for a while.
+    relay.control.set_spoof(Spoof::CopyFirst);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    relay.control.set_spoof(Spoof::Off);
+    assert_eq!(transfer.finish().await, TOTAL as u64);
+
+    // The connection stays usable.
+    let (mut send, mut recv) = tunnel.open_stream().await.expect("open after");
+    send.write_all(b"still here").await.expect("write");
+    send.finish().expect("finish");
+    let echoed = tokio::time::timeout(Duration::from_secs(20), recv.read_to_end(64))
+        .await
+        .expect("echo within 20 s")
+        .expect("read");
+    assert_eq!(echoed, b"still here");
+
+    watcher.abort();
+    let sent = relay.control.forged_sent.load(Ordering::Relaxed);
+    let received = relay.control.forged_received.load(Ordering::Relaxed);
+    assert!(sent > 0, "the relay forged no datagram");
+    assert!(
+        received > 0,
+        "the racing copies never moved quinn to the forged address, so nothing was tested"
+    );
+    assert!(
+        received <= 3 * sent,
+        "the gateway sent {received} bytes toward the forged address, which sent {sent}"
+    );
+    assert!(
+        !forged_seen.load(Ordering::Relaxed),
+        "the forged address reached the registry or policy"
+    );
+    assert_eq!(recorded_client(&entry), genuine);
+    assert_eq!(entry.path_changes.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn nat_rebinding_port_change_is_followed() {
+    const TOTAL: usize = 16 * 1024 * 1024;
+    let upstream = echo_server("127.0.0.1:0").await;
+    let gw = TestGateway::start("127.0.0.1:0", &[App::wiki(upstream)], "").await;
+    let relay = UdpRelay::start(gw.addr(), "127.0.0.9").await;
+    let (_client, tunnel) = connect(relay.addr, "DEV-0001", WIKI).await;
+    let entry = only_session(&gw);
+    let before = relay.control.upstream();
+
+    let (send, recv) = tunnel.open_stream().await.expect("open stream");
+    let mut transfer = EchoTransfer::start(send, recv, TOTAL);
+    transfer.wait_for_bytes(2 * 1024 * 1024).await;
+    // The NAT in front of the client picks a new port; the client does not know.
+    relay.control.rebind();
+    let after = {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let now = relay.control.upstream();
+            if now != before || Instant::now() > deadline {
+                break now;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    assert_ne!(after, before, "the relay did not move");
+    assert_eq!(after.ip(), before.ip());
+    let followed = wait_until(Duration::from_secs(15), || recorded_client(&entry) == after).await;
+    assert!(
+        followed,
+        "registry still records {}, expected {after}",
+        recorded_client(&entry)
+    );
+    assert_eq!(transfer.finish().await, TOTAL as u64);
+    assert_eq!(entry.path_changes.load(Ordering::Relaxed), 1);
+    let reevaluated =
+        wait_until(Duration::from_secs(5), || evaluated_client(&entry) == after).await;
+    assert!(reevaluated, "policy last saw {}", evaluated_client(&entry));
+}
+
+/// Echoes `total` bytes through a local TCP listener and checks them.
+async fn tcp_echo_transfer(
+    local: String,
+    total: usize,
+    progress: watch::Sender<u64>,
+) -> Result<(), String> {
+    let tcp = tokio::net::TcpStream::connect(&local)
+        .await
+        .map_err(|e| format!("connect {local}: {e}"))?;
+    let (mut read, mut write) = tcp.into_split();
+    let data = Arc::new(pattern(total, 29));
+    let expected = data.clone();
+    let writer = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        for chunk in data.chunks(64 * 1024) {
+            write.write_all(chunk).await?;
+        }
+        write.shutdown().await
+    });
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut offset = 0usize;
+    loop {
+        let n = read
+            .read(&mut buf)
+            .await
+            .map_err(|e| format!("read at {offset}: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        if offset + n > expected.len() || buf[..n] != expected[offset..offset + n] {
+            return Err(format!("echoed bytes differ at offset {offset}"));
+        }
+        offset += n;
+        progress.send_replace(offset as u64);
+    }
+    writer
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("write: {e}"))?;
+    if offset == total {
+        Ok(())
+    } else {
+        Err(format!("stream ended after {offset} of {total} bytes"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr1_moves_connect_to_new_socket() {
+    const TOTAL: usize = 32 * 1024 * 1024;
+    let upstream = echo_server("127.0.0.1:0").await;
+    let gw = TestGateway::start("127.0.0.1:0", &[App::wiki(upstream)], "").await;
+    let gateway = gw.addr().to_string();
+    let client = Running::spawn(
+        connect_command(&["--transport", "quic", "--gateway", &gateway]),
+        true,
+    );
+    let local = client.wait_for("listening on ", Duration::from_secs(20));
+    let entry = only_session(&gw);
+    let before = recorded_client(&entry);
+
+    let (progress, mut received) = watch::channel(0u64);
+    let transfer = tokio::spawn(tcp_echo_transfer(local, TOTAL, progress));
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        received.wait_for(|n| *n >= 4 * 1024 * 1024),
+    )
+    .await
+    .expect("transfer progresses")
+    .expect("transfer alive");
+    let status = std::process::Command::new("kill")
+        .args(["-USR1", &client.child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+    let moved_to = client.wait_for("network changed (SIGUSR1", Duration::from_secs(10));
+    assert!(moved_to.contains("moved to UDP"), "{moved_to}");
+    let followed = wait_until(Duration::from_secs(15), || {
+        let now = recorded_client(&entry);
+        now != before && now.ip() == before.ip()
+    })
+    .await;
+    assert!(followed, "registry still records {before}");
+    tokio::time::timeout(Duration::from_secs(120), transfer)
+        .await
+        .expect("transfer completes within 120 s")
+        .expect("transfer task")
+        .expect("byte-exact transfer");
+    assert_eq!(entry.path_changes.load(Ordering::Relaxed), 1);
 }
