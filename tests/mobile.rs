@@ -556,3 +556,181 @@ async fn sigusr1_moves_connect_to_new_socket() {
         .expect("byte-exact transfer");
     assert_eq!(entry.path_changes.load(Ordering::Relaxed), 1);
 }
+
+/// Network namespaces made for one test, deleted (with the veth links in
+/// them) when dropped.
+struct Namespaces {
+    names: Vec<String>,
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", name])
+                .status();
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Two namespaces joined by two veth links, "wifi" (10.213.1.0/24) and
+/// "cell" (10.213.2.0/24). The gateway's service address 10.213.0.1 is on
+/// its namespace's loopback; the client reaches it over wifi (metric 100)
+/// or, when wifi is gone, over cell (metric 200).
+fn two_path_namespaces() -> Result<(Namespaces, String, String), String> {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() % 1_000_000)
+        .unwrap_or(0);
+    let client = format!("ztm{}-{stamp}-c", std::process::id());
+    let gateway = format!("ztm{}-{stamp}-g", std::process::id());
+    let mut made = Namespaces { names: Vec::new() };
+    for name in [&client, &gateway] {
+        ip(&["netns", "add", name])?;
+        made.names.push(name.clone());
+    }
+    let (c, g) = (client.as_str(), gateway.as_str());
+    let steps: Vec<Vec<&str>> = vec![
+        vec![
+            "link", "add", "wifi", "netns", c, "type", "veth", "peer", "name", "wifi", "netns", g,
+        ],
+        vec![
+            "link", "add", "cell", "netns", c, "type", "veth", "peer", "name", "cell", "netns", g,
+        ],
+        vec!["-n", c, "link", "set", "lo", "up"],
+        vec!["-n", g, "link", "set", "lo", "up"],
+        vec!["-n", c, "addr", "add", "10.213.1.2/24", "dev", "wifi"],
+        vec!["-n", g, "addr", "add", "10.213.1.1/24", "dev", "wifi"],
+        vec!["-n", c, "addr", "add", "10.213.2.2/24", "dev", "cell"],
+        vec!["-n", g, "addr", "add", "10.213.2.1/24", "dev", "cell"],
+        vec!["-n", c, "link", "set", "wifi", "up"],
+        vec!["-n", c, "link", "set", "cell", "up"],
+        vec!["-n", g, "link", "set", "wifi", "up"],
+        vec!["-n", g, "link", "set", "cell", "up"],
+        vec!["-n", g, "addr", "add", "10.213.0.1/32", "dev", "lo"],
+        vec![
+            "-n",
+            c,
+            "route",
+            "add",
+            "10.213.0.1/32",
+            "via",
+            "10.213.1.1",
+            "dev",
+            "wifi",
+            "metric",
+            "100",
+        ],
+        vec![
+            "-n",
+            c,
+            "route",
+            "add",
+            "10.213.0.1/32",
+            "via",
+            "10.213.2.1",
+            "dev",
+            "cell",
+            "metric",
+            "200",
+        ],
+    ];
+    for step in steps {
+        ip(&step)?;
+    }
+    Ok((made, client, gateway))
+}
+
+fn in_netns(namespace: &str, program: &std::ffi::OsStr) -> std::process::Command {
+    let mut command = std::process::Command::new("ip");
+    command.args(["netns", "exec", namespace]).arg(program);
+    command
+}
+
+#[test]
+fn link_loss_moves_tunnel_to_other_path() {
+    const TOTAL: usize = 48 * 1024 * 1024;
+    let (_namespaces, client_ns, gateway_ns) = match two_path_namespaces() {
+        Ok(made) => made,
+        Err(reason) => {
+            eprintln!("skipped: network namespaces are not available here ({reason}); run as root with iproute2");
+            return;
+        }
+    };
+    let echo_script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tcp_echo.py");
+    let ztgate = std::ffi::OsStr::new(env!("CARGO_BIN_EXE_ztgate"));
+
+    let mut upstream = in_netns(&gateway_ns, "python3".as_ref());
+    upstream
+        .arg(&echo_script)
+        .args(["server", "127.0.0.1", "7000", "120"]);
+    let upstream = Running::spawn(upstream, false);
+    upstream.wait_for("ready", Duration::from_secs(20));
+
+    let apps = [App::wiki("127.0.0.1:7000".parse().expect("addr"))];
+    let (_dir, config) = write_config_with("10.213.0.1:4433", &apps, "", "");
+    let mut serve = in_netns(&gateway_ns, ztgate);
+    serve.arg("serve").arg("--config").arg(&config);
+    let serve = Running::spawn_both(serve);
+    serve.wait_for(
+        "ztgate: listening quic 10.213.0.1:4433",
+        Duration::from_secs(20),
+    );
+
+    let pki = pki();
+    let mut connect = in_netns(&client_ns, ztgate);
+    connect
+        .args([
+            "connect",
+            "--transport",
+            "quic",
+            "--gateway",
+            "10.213.0.1:4433",
+        ])
+        .args(["--app", WIKI, "--listen", "127.0.0.1:0"])
+        .arg("--cert")
+        .arg(pki.join("DEV-0001-chain.pem"))
+        .arg("--key")
+        .arg(pki.join("DEV-0001.key"))
+        .arg("--ca")
+        .arg(pki.join("root-ca.pem"));
+    let connect = Running::spawn(connect, true);
+    let local = connect.wait_for("listening on ", Duration::from_secs(20));
+
+    let (host, port) = local.rsplit_once(':').expect("HOST:PORT");
+    let mut transfer = in_netns(&client_ns, "python3".as_ref());
+    transfer
+        .arg(&echo_script)
+        .args(["client", host, port, &TOTAL.to_string(), "120"]);
+    let transfer = Running::spawn(transfer, false);
+    transfer.wait_for("progress 8388608", Duration::from_secs(60));
+
+    // Wi-Fi goes away mid-transfer: its routes go with it, and the client
+    // must carry on over the cellular link.
+    ip(&["-n", &client_ns, "link", "set", "wifi", "down"]).expect("take wifi down");
+    let changed = connect.wait_for("network changed", Duration::from_secs(10));
+    assert!(changed.contains("moved to UDP"), "{changed}");
+    let line = serve.wait_for_all(
+        &["client address changed", "new=10.213.2.2:"],
+        Duration::from_secs(20),
+    );
+    assert!(line.contains("old=10.213.1.2:"), "{line}");
+    let done = transfer.wait_for("ok ", Duration::from_secs(120));
+    assert_eq!(done, TOTAL.to_string());
+}

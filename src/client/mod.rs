@@ -248,6 +248,11 @@ impl Client {
         &self.endpoint
     }
 
+    /// The gateway's QUIC address.
+    pub fn gateway(&self) -> SocketAddr {
+        self.gateway
+    }
+
     /// Moves the endpoint to a fresh UDP socket on the bind address with a
     /// new port, keeping every connection and stream: each connection
     /// switches to a new connection ID and sends a PING from the new socket,

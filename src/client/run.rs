@@ -225,12 +225,25 @@ pub async fn run_connect(options: ConnectOptions) -> Result<(), String> {
     }
 }
 
-/// Moves the QUIC endpoint to a fresh socket after every network change, so
-/// open connections migrate to the new network instead of waiting for their
-/// next packet to be lost, and wakes a pending reconnect.
+/// Moves the QUIC endpoint to a fresh socket when a network change moves
+/// the route to the gateway to another local address, and on every SIGUSR1,
+/// so open connections migrate at once instead of waiting for their next
+/// packet to be lost; then wakes a pending reconnect. Events that leave the
+/// route's source address as it was (an IPv6 address elsewhere coming up,
+/// say) change nothing.
 async fn follow_network_changes(client: Arc<Client>, changed: Arc<Notify>) {
     let mut changes = super::netwatch::watch_network();
+    let gateway = client.gateway();
+    let mut source = route_source(gateway);
     while let Some(change) = changes.recv().await {
+        let now = route_source(gateway);
+        let forced = change.cause == "SIGUSR1";
+        if !forced && (now == source || now.is_none()) {
+            tracing::debug!(cause = %change.cause, source = ?now, "network changed; the route to the gateway keeps its source address");
+            source = now.or(source);
+            continue;
+        }
+        source = now;
         match client.rebind() {
             Ok(local) => say(&format!(
                 "network changed ({}, {} events); moved to UDP {local}",
@@ -243,6 +256,18 @@ async fn follow_network_changes(client: Arc<Client>, changed: Arc<Notify>) {
         }
         changed.notify_one();
     }
+}
+
+/// The local address the kernel would send from to reach `gateway`, or
+/// `None` without a route. Connecting a UDP socket sends no packet.
+fn route_source(gateway: SocketAddr) -> Option<std::net::IpAddr> {
+    let unspecified = match gateway {
+        SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+        SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+    };
+    let socket = std::net::UdpSocket::bind(unspecified).ok()?;
+    socket.connect(gateway).ok()?;
+    socket.local_addr().ok().map(|a| a.ip())
 }
 
 async fn accept_local(
