@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use ztgate::ingress::udp::{bind_udp, UdpBuffers};
 use ztgate::session::SessionEntry;
@@ -733,4 +734,155 @@ fn link_loss_moves_tunnel_to_other_path() {
     assert!(line.contains("old=10.213.1.2:"), "{line}");
     let done = transfer.wait_for("ok ", Duration::from_secs(120));
     assert_eq!(done, TOTAL.to_string());
+}
+
+/// The next stdout line of a child process, within 30 s.
+async fn next_line(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) -> String {
+    tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("a line within 30 s")
+        .expect("read stdout")
+        .expect("the client is still running")
+}
+
+/// aioquic version the interoperability test installs.
+const AIOQUIC: &str = "aioquic==1.7.2";
+
+/// A Python venv with aioquic under the target directory, made on first use.
+/// Returns `Err` with the reason when pip cannot reach the package registry.
+fn aioquic_python() -> Result<std::path::PathBuf, String> {
+    let venv = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("aioquic-venv");
+    let python = venv.join("bin/python");
+    let ready = |python: &std::path::Path| {
+        std::process::Command::new(python)
+            .args(["-c", "import aioquic"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if ready(&python) {
+        return Ok(python);
+    }
+    let made = std::process::Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .output()
+        .expect("run python3 -m venv");
+    assert!(
+        made.status.success(),
+        "python3 -m venv failed (Debian needs python3-venv): {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let pip = std::process::Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check", AIOQUIC])
+        .output()
+        .expect("run pip");
+    if !pip.status.success() {
+        let stderr = String::from_utf8_lossy(&pip.stderr).to_string();
+        let unreachable = [
+            "Failed to establish a new connection",
+            "Temporary failure in name resolution",
+            "Network is unreachable",
+            "Connection refused",
+            "Read timed out",
+            "ProxyError",
+        ];
+        if unreachable.iter().any(|m| stderr.contains(m)) {
+            return Err(stderr);
+        }
+        panic!("pip install {AIOQUIC} failed: {stderr}");
+    }
+    assert!(ready(&python), "aioquic does not import after pip install");
+    Ok(python)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aioquic_client_is_admitted_and_migrates() {
+    let python = match tokio::task::spawn_blocking(aioquic_python)
+        .await
+        .expect("venv task")
+    {
+        Ok(python) => python,
+        Err(reason) => {
+            eprintln!(
+                "skipped: pip cannot reach the package registry to install {AIOQUIC}: {reason}"
+            );
+            return;
+        }
+    };
+    let upstream = echo_server("127.0.0.1:0").await;
+    let gw = TestGateway::start("127.0.0.1:0", &[App::wiki(upstream)], "").await;
+    let pki = pki();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/aioquic_client.py");
+    let mut child = tokio::process::Command::new(&python)
+        .arg(&script)
+        .arg("127.0.0.1")
+        .arg(gw.addr().port().to_string())
+        .arg("--cert")
+        .arg(pki.join("DEV-0001-chain.pem"))
+        .arg("--key")
+        .arg(pki.join("DEV-0001.key"))
+        .arg("--ca")
+        .arg(pki.join("root-ca.pem"))
+        .args(["--sni", WIKI])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run the aioquic client");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+
+    let admitted = next_line(&mut lines).await;
+    let body = admitted
+        .strip_prefix("admitted ")
+        .unwrap_or_else(|| panic!("expected admitted, got {admitted:?}"));
+    let body: serde_json::Value = serde_json::from_str(body).expect("admitted JSON");
+    assert_eq!(body["application"], "wiki");
+    assert_eq!(body["device_id"], "spiffe://example.test/device/DEV-0001");
+    assert_eq!(next_line(&mut lines).await, "echo 1 ok");
+    let entry = only_session(&gw);
+    let first = recorded_client(&entry);
+
+    let migrated = next_line(&mut lines).await;
+    let moved_to: SocketAddr = migrated
+        .strip_prefix("migrated local=")
+        .unwrap_or_else(|| panic!("expected migrated, got {migrated:?}"))
+        .parse()
+        .expect("new local address");
+    assert_ne!(moved_to, first);
+    let followed = wait_until(Duration::from_secs(15), || {
+        recorded_client(&entry) == moved_to
+    })
+    .await;
+    assert!(
+        followed,
+        "registry still records {}, expected {moved_to}",
+        recorded_client(&entry)
+    );
+    let reevaluated = wait_until(Duration::from_secs(5), || {
+        evaluated_client(&entry) == moved_to
+    })
+    .await;
+    assert!(reevaluated, "policy last saw {}", evaluated_client(&entry));
+
+    stdin
+        .write_all(b"stop\n")
+        .await
+        .expect("tell the client to stop");
+    let done = next_line(&mut lines).await;
+    let exchanges: u32 = done
+        .strip_prefix("done ")
+        .unwrap_or_else(|| panic!("expected done, got {done:?}"))
+        .parse()
+        .expect("exchange count");
+    assert!(exchanges >= 1, "no exchange after the move");
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("the client exits")
+        .expect("wait");
+    assert!(status.success());
+    assert_eq!(entry.path_changes.load(Ordering::Relaxed), 1);
 }
