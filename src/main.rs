@@ -36,10 +36,10 @@ enum Command {
         /// Gateway TLS-over-TCP address, HOST:PORT; the --gateway address when absent.
         #[arg(long)]
         gateway_tls: Option<String>,
-        /// Transport to the gateway: quic, tls (TLS over TCP, for networks that block UDP), or auto (QUIC, falling back to TLS while QUIC does not answer).
+        /// Transport to the gateway: quic, tls (TLS over TCP, for networks that block UDP), or auto (QUIC, falling back to TLS while QUIC does not respond).
         #[arg(long, value_enum, default_value_t = TransportChoice::Auto)]
         transport: TransportChoice,
-        /// Milliseconds auto waits for QUIC to answer before it uses TLS over TCP.
+        /// Milliseconds auto waits for a QUIC response before it uses TLS over TCP.
         #[arg(long, default_value_t = 1500)]
         quic_timeout_ms: u64,
         /// The application's TLS server name, for example wiki.apps.example.com.

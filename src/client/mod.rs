@@ -254,7 +254,7 @@ impl Client {
     }
 
     /// Moves the endpoint to a fresh UDP socket on the bind address with a
-    /// new port, keeping every connection and stream: each connection
+    /// new port, keeping every connection and stream. Each connection
     /// switches to a new connection ID and sends a PING from the new socket,
     /// and the gateway validates the new path. Returns the new local address.
     pub fn rebind(&self) -> Result<SocketAddr, String> {

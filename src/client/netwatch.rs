@@ -14,7 +14,7 @@ pub const SETTLE: Duration = Duration::from_millis(150);
 /// One reported network change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetworkChange {
-    /// What happened, such as "route removed" or "SIGUSR1"; the first event of the burst.
+    /// The first event of the burst, such as "route removed" or "SIGUSR1".
     pub cause: String,
     /// Events in the burst.
     pub events: u32,

@@ -22,7 +22,7 @@ pub enum TransportChoice {
     Quic,
     /// TLS over TCP only: one TLS connection per local connection.
     Tls,
-    /// QUIC, falling back to TLS over TCP while QUIC does not answer.
+    /// QUIC, falling back to TLS over TCP while QUIC does not respond.
     Auto,
 }
 
@@ -47,7 +47,7 @@ pub struct ConnectOptions {
     pub quic: super::QuicOptions,
 }
 
-/// Where new local connections go.
+/// The transport for new local connections.
 #[derive(Clone)]
 enum Route {
     Quic(quinn::Connection),
@@ -226,9 +226,9 @@ pub async fn run_connect(options: ConnectOptions) -> Result<(), String> {
 }
 
 /// Moves the QUIC endpoint to a fresh socket when a network change moves
-/// the route to the gateway to another local address, and on every SIGUSR1,
-/// so open connections migrate at once instead of waiting for their next
-/// packet to be lost; then wakes a pending reconnect. Events that leave the
+/// the route to the gateway to another local address, and on every SIGUSR1.
+/// Open connections then migrate at once instead of waiting for their next
+/// packet to be lost, and a pending reconnect wakes up. Events that leave the
 /// route's source address as it was (an IPv6 address elsewhere coming up,
 /// say) change nothing.
 async fn follow_network_changes(client: Arc<Client>, changed: Arc<Notify>) {
@@ -258,8 +258,8 @@ async fn follow_network_changes(client: Arc<Client>, changed: Arc<Notify>) {
     }
 }
 
-/// The local address the kernel would send from to reach `gateway`, or
-/// `None` without a route. Connecting a UDP socket sends no packet.
+/// Returns the local address the kernel would send from to reach `gateway`,
+/// or `None` without a route. Connecting a UDP socket sends no packet.
 fn route_source(gateway: SocketAddr) -> Option<std::net::IpAddr> {
     let unspecified = match gateway {
         SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),

@@ -69,12 +69,12 @@ impl ResetKey {
         ResetKey(key)
     }
 
-    /// The HMAC key quinn signs reset tokens with.
+    /// Returns the HMAC key quinn signs reset tokens with.
     pub fn hmac_key(&self) -> ring::hmac::Key {
         ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.0)
     }
 
-    /// The key that signs connection IDs. An endpoint sends a stateless reset
+    /// Derives the key that signs connection IDs. An endpoint sends a stateless reset
     /// only for a connection ID that carries its signature, so a restarted
     /// gateway must sign with the key its predecessor used.
     pub fn connection_id_key(&self) -> u64 {

@@ -1,5 +1,5 @@
 //! Copies bytes both ways between two byte streams, such as a TLS-over-TCP
-//! tunnel and a TCP connection, with back-pressure and half-close: the end of
+//! tunnel and a TCP connection, with back-pressure and half-close. The end of
 //! one direction (EOF, or close_notify on TLS) shuts down the writing side of
 //! the other stream and leaves the opposite direction open.
 
@@ -13,7 +13,7 @@ pub enum Side {
     Second,
 }
 
-/// How a copy ended.
+/// The end of a copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DuplexEnd {
     /// Both directions reached EOF and were passed on as shutdowns.

@@ -16,7 +16,7 @@
 //!
 //! So the tracker accepts a new address when it has been the remote address
 //! at three polls in a row, no PATH_CHALLENGE was sent across the last two
-//! intervals, and datagrams were sent in the last one: those datagrams went
+//! intervals, and datagrams were sent in the last one. Those datagrams went
 //! to a validated path at that address. An idle connection sends nothing, so
 //! an address that stays current with no PATH_CHALLENGE sent for longer than
 //! quinn's validation deadline is accepted too.
@@ -142,8 +142,8 @@ impl PathTracker {
     }
 }
 
-/// An upper bound on the time quinn gives a new path to be validated: three
-/// PTOs of the slower of the two paths. The PTO is estimated as four RTTs
+/// Estimates an upper bound on the time quinn gives a new path to be
+/// validated, which is three PTOs of the slower of the two paths. The PTO is estimated as four RTTs
 /// (for the RTT variance term) plus the maximum ACK delay, from an RTT of at
 /// least quinn's initial RTT, because a path to a new IP address starts from
 /// that value.
@@ -179,7 +179,7 @@ mod tests {
             }
         }
 
-        /// One poll: `challenges` and `datagrams` are what was sent since the last poll.
+        /// Feeds one sample; `challenges` and `datagrams` count what was sent since the last one.
         fn poll(&mut self, remote: &str, challenges: u64, datagrams: u64) -> Option<SocketAddr> {
             self.polls += 1;
             self.challenges += challenges;
@@ -198,7 +198,7 @@ mod tests {
     fn validated_move_is_reported_once() {
         let mut feed = Feed::new("127.0.0.1:5000");
         assert_eq!(feed.poll("127.0.0.1:5000", 0, 10), None);
-        // The move: challenges go out until the client answers.
+        // The move: challenges go out until the client's PATH_RESPONSE arrives.
         assert_eq!(feed.poll("127.0.0.2:6000", 3, 10), None);
         assert_eq!(feed.poll("127.0.0.2:6000", 0, 10), None);
         assert_eq!(

@@ -76,7 +76,7 @@ fn server_config(
     Ok((config, outcome))
 }
 
-/// The endpoint settings: the stateless reset and connection ID signing keys
+/// Builds the endpoint settings: the stateless reset and connection ID signing keys
 /// derived from `gateway.reset_key_file`, or quinn's random ones, and the
 /// reset interval.
 fn endpoint_config(generation: &Generation) -> quinn::EndpointConfig {

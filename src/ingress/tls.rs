@@ -8,7 +8,7 @@
 //! application, and with it the ALPN protocols offered (`tls_alpn`).
 //! Refusals during the handshake are TLS alerts. After the handshake, TLS
 //! has no way to carry a reason, so refusals and closes are a close_notify
-//! and an info log line; an upstream that is unreachable or resets ends the
+//! and an info log line. An upstream that is unreachable or resets ends the
 //! tunnel with a TCP reset instead, so the client sees an abort.
 
 use super::duplex::{copy_duplex, reset_on_close, DuplexEnd};

@@ -54,7 +54,7 @@ pub struct SessionState {
 
 /// Waits until the session must end and returns why. Re-evaluates the
 /// session when its decision expires, whenever a new config generation is in
-/// force, and when `addresses` brings a new validated client address; the
+/// force, and when `addresses` brings a new validated client address. The
 /// certificate's notAfter and the maximum session length end it without
 /// re-evaluation. A transport whose address cannot change passes a receiver
 /// whose sender is dropped.
