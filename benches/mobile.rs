@@ -1,7 +1,7 @@
 //! Mobile network figures, measured through a userspace UDP relay that adds
 //! a fixed one-way delay in each direction (the kernel here has no netem):
 //!
-//! - the stall a download sees when the client moves to a new UDP port
+//! - the stall in a download when the client moves to a new UDP port
 //!   (the largest gap between received chunks in the 2 s after the move),
 //!   next to the largest gap in the second before it, which starts a
 //!   second after the previous trial's 2 s window ends;
@@ -37,7 +37,7 @@ async fn send_when_due(mut queue: mpsc::UnboundedReceiver<Delayed>) {
     }
 }
 
-/// A NAT-like relay: each client address gets its own upstream socket, so a
+/// Starts a NAT-like relay: each client address gets its own upstream socket, so a
 /// client that moves to a new port shows up at the gateway with a new port
 /// too. Every datagram is held `delay` in each direction.
 async fn delay_relay(target: SocketAddr, delay: Duration) -> SocketAddr {
@@ -76,7 +76,7 @@ async fn delay_relay(target: SocketAddr, delay: Duration) -> SocketAddr {
     addr
 }
 
-/// An upstream that sends 16 KiB chunks without pause until the client leaves.
+/// Starts an upstream that sends 16 KiB chunks without pause until the client leaves.
 async fn source_upstream() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -107,7 +107,7 @@ fn summary(label: &str, mut samples: Vec<Duration>) {
     );
 }
 
-/// The largest gap between consecutive arrivals that ends inside [from, to).
+/// Returns the largest gap between consecutive arrivals that ends inside [from, to).
 fn largest_gap(arrivals: &[Instant], from: Instant, to: Instant) -> Duration {
     arrivals
         .windows(2)
