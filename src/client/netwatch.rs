@@ -155,4 +155,35 @@ mod netlink {
         }
         out
     }
+
+    #[cfg(test)]
+    mod tests {
+        use super::causes;
+        use netlink_packet_core::NetlinkMessage;
+        use netlink_packet_route::address::AddressMessage;
+        use netlink_packet_route::route::RouteMessage;
+        use netlink_packet_route::RouteNetlinkMessage;
+
+        fn wire(inner: RouteNetlinkMessage) -> Vec<u8> {
+            let mut message = NetlinkMessage::from(inner);
+            message.finalize();
+            let mut buffer = vec![0u8; message.buffer_len()];
+            message.serialize(&mut buffer);
+            buffer
+        }
+
+        #[test]
+        fn causes_name_each_message_of_a_datagram() {
+            let mut datagram = wire(RouteNetlinkMessage::NewAddress(AddressMessage::default()));
+            datagram.extend(wire(RouteNetlinkMessage::DelRoute(RouteMessage::default())));
+            assert_eq!(causes(&datagram), ["address added", "route removed"]);
+        }
+
+        #[test]
+        fn causes_ignore_truncated_input() {
+            let datagram = wire(RouteNetlinkMessage::NewRoute(RouteMessage::default()));
+            assert!(causes(&datagram[..datagram.len() - 1]).is_empty());
+            assert!(causes(&[]).is_empty());
+        }
+    }
 }
