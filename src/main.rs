@@ -39,7 +39,7 @@ enum Command {
         /// Transport to the gateway: quic, tls (TLS over TCP, for networks that block UDP), or auto (QUIC, falling back to TLS while QUIC does not respond).
         #[arg(long, value_enum, default_value_t = TransportChoice::Auto)]
         transport: TransportChoice,
-        /// Milliseconds auto waits for a QUIC response before it uses TLS over TCP.
+        /// Milliseconds auto waits for the gateway's first QUIC handshake response before it uses TLS over TCP; a gateway that responds in time has --connect-timeout-secs to admit.
         #[arg(long, default_value_t = 1500)]
         quic_timeout_ms: u64,
         /// The application's TLS server name, for example wiki.apps.example.com.

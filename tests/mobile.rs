@@ -886,3 +886,33 @@ async fn aioquic_client_is_admitted_and_migrates() {
     assert!(status.success());
     assert_eq!(entry.path_changes.load(Ordering::Relaxed), 1);
 }
+
+#[tokio::test]
+async fn quic_answer_deadline_applies_only_to_silence() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let gw = TestGateway::start("127.0.0.1:0", &[App::wiki(upstream)], "").await;
+    let relay = UdpRelay::start(gw.addr(), "127.0.0.9").await;
+    let client = device_client(relay.addr, "DEV-0001", WIKI);
+
+    relay.control.blocked.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    let silent = client
+        .connect_expecting_answer(Duration::from_millis(300), Duration::from_secs(10))
+        .await;
+    let waited = started.elapsed();
+    match silent {
+        Err(ztgate::client::Ending::Transient(message)) => {
+            assert!(message.contains("no QUIC answer"), "{message}")
+        }
+        Err(other) => panic!("expected a transient ending, got {other:?}"),
+        Ok(_) => panic!("a blocked gateway cannot admit"),
+    }
+    assert!(waited < Duration::from_secs(3), "gave up after {waited:?}");
+
+    relay.control.blocked.store(false, Ordering::Relaxed);
+    let tunnel = client
+        .connect_expecting_answer(Duration::from_millis(300), Duration::from_secs(10))
+        .await
+        .expect("an answering gateway admits the device");
+    assert_eq!(tunnel.admitted.application, "wiki");
+}

@@ -272,14 +272,48 @@ impl Client {
 
     /// Connects and waits for `admitted` on the control stream.
     pub async fn connect(&self, timeout: Duration) -> Result<Tunnel, Ending> {
+        self.connect_within(None, timeout).await
+    }
+
+    /// Connects like [`Client::connect`], but gives up after `answer_within`
+    /// when the gateway has not answered at all by then (no server handshake
+    /// flight arrived), for example because UDP is blocked. A slow gateway
+    /// that does answer still has all of `timeout`.
+    pub async fn connect_expecting_answer(
+        &self,
+        answer_within: Duration,
+        timeout: Duration,
+    ) -> Result<Tunnel, Ending> {
+        self.connect_within(Some(answer_within), timeout).await
+    }
+
+    async fn connect_within(
+        &self,
+        answer_within: Option<Duration>,
+        timeout: Duration,
+    ) -> Result<Tunnel, Ending> {
         let attempt = async {
-            let connecting = self
+            let mut connecting = self
                 .endpoint
                 .connect(self.gateway, &self.server_name)
                 .map_err(|e| Ending::Refused {
                     code: None,
                     message: format!("cannot connect to {}: {e}", self.gateway),
                 })?;
+            if let Some(limit) = answer_within {
+                // The handshake data is ready once the server's first flight
+                // has been processed.
+                match tokio::time::timeout(limit, connecting.handshake_data()).await {
+                    Err(_) => {
+                        return Err(Ending::Transient(format!(
+                            "no QUIC answer from {} within {limit:?}",
+                            self.gateway
+                        )))
+                    }
+                    Ok(Err(e)) => return Err(classify(&e)),
+                    Ok(Ok(_)) => {}
+                }
+            }
             let connection = connecting.await.map_err(|e| classify(&e))?;
             let recv = connection.accept_uni().await.map_err(|e| classify(&e))?;
             let mut control = ControlReader::new(recv);

@@ -156,15 +156,14 @@ pub async fn run_connect(options: ConnectOptions) -> Result<(), String> {
         return Ok(());
     };
     let auto = options.transport == TransportChoice::Auto;
-    let attempt_timeout = if auto {
-        options.quic_timeout
-    } else {
-        options.connect_timeout
-    };
     let mut backoff = Duration::from_millis(250);
     let mut announced = false;
     loop {
-        match client.connect(attempt_timeout).await {
+        let answer_within = auto.then_some(options.quic_timeout);
+        match client
+            .connect_within(answer_within, options.connect_timeout)
+            .await
+        {
             Ok(mut tunnel) => {
                 backoff = Duration::from_millis(250);
                 say(&format!(
@@ -348,11 +347,14 @@ async fn run_stdio(
     options: &ConnectOptions,
 ) -> Result<(), String> {
     if let Some(client) = client {
-        let timeout = match (options.transport, dialer) {
-            (TransportChoice::Auto, Some(_)) => options.quic_timeout,
-            _ => options.connect_timeout,
+        let answer_within = match (options.transport, dialer) {
+            (TransportChoice::Auto, Some(_)) => Some(options.quic_timeout),
+            _ => None,
         };
-        match client.connect(timeout).await {
+        match client
+            .connect_within(answer_within, options.connect_timeout)
+            .await
+        {
             Ok(tunnel) => return stdio_over_quic(tunnel).await,
             Err(Ending::Transient(message)) if dialer.is_some() => {
                 say(&format!("QUIC unavailable: {message}; using TLS over TCP"));
