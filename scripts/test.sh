@@ -4,7 +4,8 @@
 # Usage: bash scripts/test.sh [ARGS...]
 #
 # Installs the Debian packages that the tests call and that are missing (openssl for
-# scripts/dev-pki.sh, curl, python3 and iperf3), which needs root and apt-get. Then it
+# scripts/dev-pki.sh, curl, python3 with venv for the aioquic test, iperf3, and iproute2
+# for the network namespace test), which needs root and apt-get. Then it
 # builds every target in release mode and runs `cargo test --release --locked ARGS...`,
 # so `bash scripts/test.sh quic -- --nocapture` runs only the tests whose names contain
 # "quic" and shows their output. Exits with cargo's status.
@@ -26,6 +27,9 @@ install_missing_packages() {
     for command in openssl curl python3 iperf3; do
         command -v "$command" >/dev/null || missing+=("$command")
     done
+    command -v ip >/dev/null || missing+=(iproute2)
+    # tests/mobile.rs makes a venv for aioquic; Debian's python3 needs python3-venv.
+    python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
     # cargo fetches crates over HTTPS and needs the system CA bundle.
     [[ -e /etc/ssl/certs/ca-certificates.crt ]] || missing+=(ca-certificates)
     # The ring crate compiles C and assembly, and rustc links with cc.

@@ -8,7 +8,7 @@ use crate::admin::{
 };
 use crate::config::{ConfigErrors, ConfigHandle, Generation};
 use crate::identity::ocsp::OcspChecker;
-use crate::ingress::{bind_quic, Shared};
+use crate::ingress::{bind_quic, bind_tls, Shared};
 use crate::protocol::Code;
 use crate::session::{CloseRequest, Selector};
 use std::net::SocketAddr;
@@ -22,6 +22,7 @@ use tokio::task::JoinSet;
 pub struct Gateway {
     shared: Arc<Shared>,
     quic_addrs: Vec<SocketAddr>,
+    tls_addrs: Vec<SocketAddr>,
     admin: Option<AdminHandle>,
     metrics_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
@@ -51,9 +52,14 @@ impl Gateway {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let shared = Shared::new(config, shutdown_rx.clone(), ocsp);
         let listeners = bind_quic(&shared)?;
+        let tls_listeners = bind_tls(&shared)?;
         let quic_addrs = listeners.iter().map(|l| l.local_addr).collect();
+        let tls_addrs = tls_listeners.iter().map(|l| l.local_addr).collect();
         let mut tasks = JoinSet::new();
         for listener in listeners {
+            tasks.spawn(listener.run(shared.clone()));
+        }
+        for listener in tls_listeners {
             tasks.spawn(listener.run(shared.clone()));
         }
         tasks.spawn(close_on_ocsp_revocation(shared.clone()));
@@ -77,8 +83,10 @@ impl Gateway {
         Ok(Gateway {
             shared,
             quic_addrs,
+            tls_addrs,
             admin,
             metrics_addr,
+
             shutdown,
             tasks,
         })
@@ -97,6 +105,11 @@ impl Gateway {
     /// The admin API's listeners, when configured.
     pub fn admin(&self) -> Option<&AdminHandle> {
         self.admin.as_ref()
+    }
+
+    /// The bound TLS-over-TCP addresses, in config order (port 0 resolved).
+    pub fn tls_addrs(&self) -> &[SocketAddr] {
+        &self.tls_addrs
     }
 
     pub fn shared(&self) -> &Arc<Shared> {

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use ztgate::client::{run_connect, ConnectOptions};
+use ztgate::client::{run_connect, ConnectOptions, TransportChoice};
 use ztgate::config::ConfigHandle;
 use ztgate::gateway::Gateway;
 
@@ -34,6 +34,15 @@ enum Command {
         /// Gateway QUIC address, HOST:PORT.
         #[arg(long)]
         gateway: String,
+        /// Gateway TLS-over-TCP address, HOST:PORT; the --gateway address when absent.
+        #[arg(long)]
+        gateway_tls: Option<String>,
+        /// Transport to the gateway: quic, tls (TLS over TCP, for networks that block UDP), or auto (QUIC, falling back to TLS while QUIC does not respond).
+        #[arg(long, value_enum, default_value_t = TransportChoice::Auto)]
+        transport: TransportChoice,
+        /// Milliseconds auto waits for the gateway's first QUIC handshake response before it uses TLS over TCP; a gateway that responds in time has --connect-timeout-secs to admit.
+        #[arg(long, default_value_t = 1500)]
+        quic_timeout_ms: u64,
         /// The application's TLS server name, for example wiki.apps.example.com.
         #[arg(long)]
         app: String,
@@ -61,6 +70,12 @@ enum Command {
         /// Longest pause between reconnect attempts, in seconds.
         #[arg(long, default_value_t = 30)]
         max_backoff_secs: u64,
+        /// Interval of QUIC keep-alive packets on an idle tunnel, in seconds; keeps NAT mappings open.
+        #[arg(long, default_value_t = 10)]
+        keep_alive_secs: u64,
+        /// QUIC idle timeout this client advertises, in seconds; the smaller of both sides' values applies.
+        #[arg(long, default_value_t = 60)]
+        idle_timeout_secs: u64,
     },
     /// Validate a config file and report every error.
     CheckConfig {
@@ -84,7 +99,7 @@ fn main() -> ExitCode {
                         file.display(),
                         g.applications.len(),
                         g.trust.ca_names().len(),
-                        g.listen.len()
+                        g.listen.len() + g.listen_tls.len()
                     );
                     ExitCode::SUCCESS
                 }
@@ -99,6 +114,9 @@ fn main() -> ExitCode {
         Command::Admin(command) => ztgate::admin::client::run(command),
         Command::Connect {
             gateway,
+            gateway_tls,
+            transport,
+            quic_timeout_ms,
             app,
             listen,
             stdio,
@@ -108,12 +126,17 @@ fn main() -> ExitCode {
             allow_non_loopback,
             connect_timeout_secs,
             max_backoff_secs,
+            keep_alive_secs,
+            idle_timeout_secs,
         } => {
             if std::env::var_os("RUST_LOG").is_some() {
                 ztgate::telemetry::init("warn", "text", &ztgate::telemetry::AuditSink::Off);
             }
             let options = ConnectOptions {
                 gateway,
+                gateway_tls,
+                transport,
+                quic_timeout: Duration::from_millis(quic_timeout_ms.max(1)),
                 app,
                 cert,
                 key,
@@ -123,6 +146,10 @@ fn main() -> ExitCode {
                 allow_non_loopback,
                 connect_timeout: Duration::from_secs(connect_timeout_secs.max(1)),
                 max_backoff: Duration::from_secs(max_backoff_secs.max(1)),
+                quic: ztgate::client::QuicOptions {
+                    keep_alive: Duration::from_secs(keep_alive_secs.max(1)),
+                    idle_timeout: Duration::from_secs(idle_timeout_secs.max(1)),
+                },
             };
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,
@@ -177,6 +204,9 @@ fn serve(config: PathBuf) -> ExitCode {
         };
         for addr in gateway.quic_addrs() {
             println!("ztgate: listening quic {addr}");
+        }
+        for addr in gateway.tls_addrs() {
+            println!("ztgate: listening tls {addr}");
         }
         tracing::info!(config = %config.display(), "gateway started");
         notify_systemd(&[sd_notify::NotifyState::Ready]);

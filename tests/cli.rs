@@ -4,68 +4,8 @@
 mod common;
 
 use common::*;
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
-
-/// Kills the child when the test ends, whatever happens.
-struct Running {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Running {
-    /// Starts `command` and forwards the lines of stdout or stderr.
-    fn spawn(mut command: Command, from_stderr: bool) -> Running {
-        command.stdin(Stdio::null());
-        if from_stderr {
-            command.stderr(Stdio::piped()).stdout(Stdio::null());
-        } else {
-            command.stdout(Stdio::piped()).stderr(Stdio::inherit());
-        }
-        let mut child = command.spawn().expect("spawn");
-        let pipe: Box<dyn std::io::Read + Send> = if from_stderr {
-            Box::new(child.stderr.take().expect("stderr"))
-        } else {
-            Box::new(child.stdout.take().expect("stdout"))
-        };
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Running { child, lines }
-    }
-
-    /// Waits (bounded) for a line containing `marker` and returns the text after it.
-    fn wait_for(&self, marker: &str, limit: Duration) -> String {
-        let deadline = std::time::Instant::now() + limit;
-        let mut seen = Vec::new();
-        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(pos) = line.find(marker) {
-                        return line[pos + marker.len()..].trim().to_string();
-                    }
-                    seen.push(line);
-                }
-                Err(_) => break,
-            }
-        }
-        panic!("no line with {marker:?} within {limit:?}; saw: {seen:#?}");
-    }
-}
 
 fn connect_command(gateway: &str, device: &str) -> Command {
     let pki = pki();

@@ -45,6 +45,7 @@ fn app(name: &'static str, upstream: SocketAddr, sensitivity: &str) -> App {
         server_name: format!("{name}.apps.example.test"),
         upstream: upstream.to_string(),
         access: String::new(),
+        extra: String::new(),
     }
     .with_labels(sensitivity)
 }

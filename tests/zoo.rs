@@ -96,6 +96,7 @@ fn zoo_apps(upstream: std::net::SocketAddr, ca_names: &[&str]) -> Vec<App> {
             server_name: ZOO.to_string(),
             upstream: upstream.to_string(),
             access: format!("device_cas = [{cas}]\nallow_any_device = true"),
+            extra: String::new(),
         },
         App {
             name: "zoo-pid",
@@ -104,6 +105,7 @@ fn zoo_apps(upstream: std::net::SocketAddr, ca_names: &[&str]) -> Vec<App> {
             access: format!(
                 "device_cas = [{cas}]\npermanent_identifiers = [{{ assigner = \"{ASSIGNER}\", value = \"ZOO-SN-0001\" }}]"
             ),
+            extra: String::new(),
         },
         App {
             name: "zoo-hw",
@@ -112,6 +114,7 @@ fn zoo_apps(upstream: std::net::SocketAddr, ca_names: &[&str]) -> Vec<App> {
             access: format!(
                 "device_cas = [{cas}]\nallow_any_device = true\nrequire_hardware_bound = true"
             ),
+            extra: String::new(),
         },
     ]
 }

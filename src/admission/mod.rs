@@ -24,6 +24,10 @@ pub struct AdmissionRequest<'a> {
     pub server_name: Option<&'a str>,
     /// The validated, canonical client address.
     pub client: SocketAddr,
+    /// Validated client address changes since the session started.
+    pub path_changes: u32,
+    /// The validated client address before the latest change.
+    pub previous_address: Option<SocketAddr>,
     pub transport: Transport,
     pub now: SystemTime,
     pub session_started: Option<Instant>,
@@ -151,8 +155,8 @@ pub async fn admit(
             client_address: req.client.ip(),
             client_port: req.client.port(),
             transport: req.transport,
-            path_changes: 0,
-            previous_address: None,
+            path_changes: req.path_changes,
+            previous_address: req.previous_address,
         },
         time: rfc3339_utc(now_unix),
         now_unix,

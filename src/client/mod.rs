@@ -1,18 +1,20 @@
 //! The device side: one QUIC connection per application, admitted by the
 //! gateway's control stream, carrying one stream per local TCP connection.
 
+pub mod netwatch;
 mod run;
-
-pub use run::{run_connect, ConnectOptions};
+mod tls;
 
 use crate::protocol::{self, Admitted, Code, ControlMessage, ControlReader};
 use quinn::crypto::rustls::QuicClientConfig;
+pub use run::{run_connect, ConnectOptions, TransportChoice};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+pub use tls::TlsDialer;
 
 /// Why a connection attempt or a tunnel ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,7 +107,34 @@ pub struct Client {
     endpoint: quinn::Endpoint,
     gateway: SocketAddr,
     server_name: String,
+    /// The address the endpoint's sockets bind to; a rebind takes a new port.
+    bind: SocketAddr,
 }
+
+/// QUIC timers of the client side.
+#[derive(Debug, Clone, Copy)]
+pub struct QuicOptions {
+    /// Interval of keep-alive (PING) packets on an idle connection, so NAT
+    /// and carrier mappings stay open.
+    pub keep_alive: Duration,
+    /// Idle timeout the client advertises; QUIC uses the smaller of both sides'.
+    pub idle_timeout: Duration,
+}
+
+impl Default for QuicOptions {
+    fn default() -> Self {
+        QuicOptions {
+            keep_alive: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Receive and send buffer sizes of the client's UDP sockets.
+const CLIENT_UDP_BUFFERS: crate::ingress::udp::UdpBuffers = crate::ingress::udp::UdpBuffers {
+    receive: 4 * 1024 * 1024,
+    send: 4 * 1024 * 1024,
+};
 
 /// An admitted connection.
 pub struct Tunnel {
@@ -161,20 +190,32 @@ pub fn client_tls_config(
 }
 
 impl Client {
-    /// Creates the client endpoint. `bind` defaults to the unspecified
-    /// address of the gateway's family with port 0.
+    /// Creates the client endpoint with the default [`QuicOptions`]. `bind`
+    /// defaults to the unspecified address of the gateway's family with port 0.
     pub fn new(
         tls: rustls::ClientConfig,
         gateway: SocketAddr,
         server_name: &str,
         bind: Option<SocketAddr>,
     ) -> Result<Client, String> {
+        Client::with_options(tls, gateway, server_name, bind, QuicOptions::default())
+    }
+
+    /// Creates the client endpoint. Every connection it makes shares `tls`,
+    /// and so its TLS session cache: a reconnect resumes the session.
+    pub fn with_options(
+        tls: rustls::ClientConfig,
+        gateway: SocketAddr,
+        server_name: &str,
+        bind: Option<SocketAddr>,
+        options: QuicOptions,
+    ) -> Result<Client, String> {
         let crypto = QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
         transport
-            .keep_alive_interval(Some(Duration::from_secs(10)))
-            .max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(60)).ok())
+            .keep_alive_interval(Some(options.keep_alive))
+            .max_idle_timeout(quinn::IdleTimeout::try_from(options.idle_timeout).ok())
             .max_concurrent_uni_streams(1u32.into())
             .max_concurrent_bidi_streams(0u32.into())
             .stream_receive_window(quinn::VarInt::from_u32(8 * 1024 * 1024))
@@ -185,14 +226,8 @@ impl Client {
             SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
             SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
         });
-        let socket = crate::ingress::udp::bind_udp(
-            bind,
-            crate::ingress::udp::UdpBuffers {
-                receive: 4 * 1024 * 1024,
-                send: 4 * 1024 * 1024,
-            },
-        )
-        .map_err(|e| format!("cannot bind a UDP socket on {bind}: {e}"))?;
+        let socket = crate::ingress::udp::bind_udp(bind, CLIENT_UDP_BUFFERS)
+            .map_err(|e| format!("cannot bind a UDP socket on {bind}: {e}"))?;
         let mut endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             None,
@@ -205,6 +240,7 @@ impl Client {
             endpoint,
             gateway,
             server_name: server_name.to_string(),
+            bind,
         })
     }
 
@@ -212,16 +248,72 @@ impl Client {
         &self.endpoint
     }
 
+    /// The gateway's QUIC address.
+    pub fn gateway(&self) -> SocketAddr {
+        self.gateway
+    }
+
+    /// Moves the endpoint to a fresh UDP socket on the bind address with a
+    /// new port, keeping every connection and stream. Each connection
+    /// switches to a new connection ID and sends a PING from the new socket,
+    /// and the gateway validates the new path. Returns the new local address.
+    pub fn rebind(&self) -> Result<SocketAddr, String> {
+        let addr = SocketAddr::new(self.bind.ip(), 0);
+        let socket = crate::ingress::udp::bind_udp(addr, CLIENT_UDP_BUFFERS)
+            .map_err(|e| format!("cannot bind a new UDP socket on {addr}: {e}"))?;
+        let local = socket
+            .local_addr()
+            .map_err(|e| format!("cannot read the new UDP socket's address: {e}"))?;
+        self.endpoint
+            .rebind(socket)
+            .map_err(|e| format!("cannot move the QUIC endpoint to {local}: {e}"))?;
+        Ok(local)
+    }
+
     /// Connects and waits for `admitted` on the control stream.
     pub async fn connect(&self, timeout: Duration) -> Result<Tunnel, Ending> {
+        self.connect_within(None, timeout).await
+    }
+
+    /// Connects like [`Client::connect`], but gives up after `answer_within`
+    /// when the gateway has not answered at all by then (no server handshake
+    /// flight arrived), for example because UDP is blocked. A slow gateway
+    /// that does answer still has all of `timeout`.
+    pub async fn connect_expecting_answer(
+        &self,
+        answer_within: Duration,
+        timeout: Duration,
+    ) -> Result<Tunnel, Ending> {
+        self.connect_within(Some(answer_within), timeout).await
+    }
+
+    async fn connect_within(
+        &self,
+        answer_within: Option<Duration>,
+        timeout: Duration,
+    ) -> Result<Tunnel, Ending> {
         let attempt = async {
-            let connecting = self
+            let mut connecting = self
                 .endpoint
                 .connect(self.gateway, &self.server_name)
                 .map_err(|e| Ending::Refused {
                     code: None,
                     message: format!("cannot connect to {}: {e}", self.gateway),
                 })?;
+            if let Some(limit) = answer_within {
+                // The handshake data is ready once the server's first flight
+                // has been processed.
+                match tokio::time::timeout(limit, connecting.handshake_data()).await {
+                    Err(_) => {
+                        return Err(Ending::Transient(format!(
+                            "no QUIC answer from {} within {limit:?}",
+                            self.gateway
+                        )))
+                    }
+                    Ok(Err(e)) => return Err(classify(&e)),
+                    Ok(Ok(_)) => {}
+                }
+            }
             let connection = connecting.await.map_err(|e| classify(&e))?;
             let recv = connection.accept_uni().await.map_err(|e| classify(&e))?;
             let mut control = ControlReader::new(recv);

@@ -24,6 +24,8 @@ pub struct Application {
     /// Admit new connections when the policy engine fails, instead of refusing.
     pub admit_on_policy_failure: bool,
     pub ocsp: crate::identity::ocsp::OcspMode,
+    /// ALPN protocols offered on the TLS-over-TCP ingress, in preference order; empty for none.
+    pub tls_alpn: Vec<Vec<u8>>,
 }
 
 #[derive(Debug, Clone)]
@@ -50,12 +52,52 @@ pub struct Limits {
     pub copy_buffer_bytes: usize,
 }
 
+/// A 32-byte secret from which every node that shares the reset key file
+/// derives the same stateless reset tokens. Debug output hides it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ResetKey(pub [u8; 32]);
+
+impl std::fmt::Debug for ResetKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResetKey(..)")
+    }
+}
+
+impl ResetKey {
+    /// Derives the key as HMAC-SHA256, keyed with a fixed label, of the
+    /// file's contents, so the file's bytes are used only for this purpose.
+    pub fn derive(contents: &[u8]) -> ResetKey {
+        let label = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"ztgate stateless reset key v1");
+        let tag = ring::hmac::sign(&label, contents);
+        let mut key = [0u8; 32];
+        key.copy_from_slice(tag.as_ref());
+        ResetKey(key)
+    }
+
+    /// Returns the HMAC key quinn signs reset tokens with.
+    pub fn hmac_key(&self) -> ring::hmac::Key {
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.0)
+    }
+
+    /// Derives the key that signs connection IDs. An endpoint sends a stateless reset
+    /// only for a connection ID that carries its signature, so a restarted
+    /// gateway must sign with the key its predecessor used.
+    pub fn connection_id_key(&self) -> u64 {
+        let tag = ring::hmac::sign(&self.hmac_key(), b"connection id signing key");
+        let mut key = [0u8; 8];
+        key.copy_from_slice(&tag.as_ref()[..8]);
+        u64::from_le_bytes(key)
+    }
+}
+
 /// A validated configuration with everything built from it.
 pub struct Generation {
     /// Increases by one with every successful load.
     pub id: u64,
     pub source: PathBuf,
     pub listen: Vec<SocketAddr>,
+    /// TLS-over-TCP listen addresses.
+    pub listen_tls: Vec<SocketAddr>,
     pub certified_key: Arc<rustls::sign::CertifiedKey>,
     pub trust: Arc<TrustStore>,
     /// Applications by lower-cased server name.
@@ -63,6 +105,11 @@ pub struct Generation {
     pub policy: Arc<dyn PolicyClient>,
     pub hardware_bound_oid: Option<String>,
     pub udp_buffers: crate::ingress::udp::UdpBuffers,
+    /// Stateless reset key, derived from `gateway.reset_key_file`; `None`
+    /// when the file is not configured.
+    pub reset_key: Option<ResetKey>,
+    /// Shortest interval between two stateless resets an endpoint sends.
+    pub min_reset_interval: Duration,
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub log_level: String,
@@ -82,6 +129,7 @@ impl std::fmt::Debug for Generation {
             .field("id", &self.id)
             .field("source", &self.source)
             .field("listen", &self.listen)
+            .field("listen_tls", &self.listen_tls)
             .field(
                 "applications",
                 &self.applications.keys().collect::<Vec<_>>(),
@@ -159,11 +207,20 @@ impl ConfigHandle {
             Ok(generation) => {
                 self.next_id.store(id + 1, Ordering::Relaxed);
                 let old = self.current();
-                if old.listen != generation.listen {
+                if old.listen != generation.listen || old.listen_tls != generation.listen_tls {
                     tracing::warn!(
                         old = ?old.listen,
                         new = ?generation.listen,
-                        "gateway.listen changed; listen addresses take effect only after a restart"
+                        old_tls = ?old.listen_tls,
+                        new_tls = ?generation.listen_tls,
+                        "gateway.listen or gateway.listen_tls changed; listen addresses take effect only after a restart"
+                    );
+                }
+                if old.reset_key != generation.reset_key
+                    || old.min_reset_interval != generation.min_reset_interval
+                {
+                    tracing::warn!(
+                        "gateway.reset_key_file or gateway.min_reset_interval_ms changed; stateless reset settings take effect only after a restart"
                     );
                 }
                 if old.log_level != generation.log_level {

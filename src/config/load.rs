@@ -1,6 +1,6 @@
 //! Reading and validating a config file into a [`Generation`].
 
-use super::generation::{Application, Generation, Limits, Timeouts};
+use super::generation::{Application, Generation, Limits, ResetKey, Timeouts};
 use super::schema::{RawAccess, RawConfig};
 use crate::forward::Upstream;
 use crate::identity::{DeviceCa, TrustStore};
@@ -217,6 +217,37 @@ fn read_key(c: &mut Collector, key: &str, path: &Path) -> Option<PrivateKeyDer<'
     }
 }
 
+/// Shortest reset key file accepted, in bytes.
+const MIN_RESET_KEY_BYTES: usize = 32;
+
+fn read_reset_key(c: &mut Collector, path: &Path) -> Option<ResetKey> {
+    const KEY: &str = "gateway.reset_key_file";
+    if let Err(e) = check_secret_file_mode(path) {
+        c.push(KEY, e);
+        return None;
+    }
+    let contents = match std::fs::read(path) {
+        Ok(contents) => contents,
+        Err(e) => {
+            c.push(KEY, format!("cannot read {}: {e}", path.display()));
+            return None;
+        }
+    };
+    if contents.len() < MIN_RESET_KEY_BYTES {
+        c.push(
+            KEY,
+            format!(
+                "{} holds {} bytes; it needs at least {MIN_RESET_KEY_BYTES} random bytes, such as from `head -c 32 /dev/urandom > {}`",
+                path.display(),
+                contents.len(),
+                path.display()
+            ),
+        );
+        return None;
+    }
+    Some(ResetKey::derive(&contents))
+}
+
 fn parse_listen(c: &mut Collector, key: &str, value: &str) -> Option<SocketAddr> {
     match value.parse::<SocketAddr>() {
         Ok(addr) => Some(addr),
@@ -243,15 +274,21 @@ fn build(
 ) -> Option<Generation> {
     // Listeners.
     let mut listen = Vec::new();
-    if raw.gateway.listen.is_empty() {
+    if raw.gateway.listen.is_empty() && raw.gateway.listen_tls.is_empty() {
         c.push(
             "gateway.listen",
-            "no listen address; add at least one, such as \"0.0.0.0:4433\"",
+            "no listen address; add at least one, such as \"0.0.0.0:4433\", or a TLS-over-TCP address to gateway.listen_tls",
         );
     }
     for (i, l) in raw.gateway.listen.iter().enumerate() {
         if let Some(addr) = parse_listen(c, &format!("gateway.listen[{i}]"), l) {
             listen.push(addr);
+        }
+    }
+    let mut listen_tls = Vec::new();
+    for (i, l) in raw.gateway.listen_tls.iter().enumerate() {
+        if let Some(addr) = parse_listen(c, &format!("gateway.listen_tls[{i}]"), l) {
+            listen_tls.push(addr);
         }
     }
 
@@ -293,6 +330,12 @@ fn build(
         }
         _ => None,
     };
+
+    let reset_key = raw
+        .gateway
+        .reset_key_file
+        .as_ref()
+        .and_then(|file| read_reset_key(c, &resolve(base, file)));
 
     // Timeouts and limits.
     let g = &raw.gateway;
@@ -519,6 +562,7 @@ fn build(
         if builtin_used {
             check_access(c, i, &app.access, &ca_names);
         }
+        let tls_alpn = check_tls_alpn(c, i, &app.tls_alpn);
         if let Some(upstream) = upstream {
             let admit_on_policy_failure = match app.on_policy_failure.as_deref() {
                 None | Some("refuse") => false,
@@ -539,6 +583,7 @@ fn build(
                 labels: app.labels.clone(),
                 admit_on_policy_failure,
                 ocsp,
+                tls_alpn,
             });
             rules.insert(app.name.clone(), AccessRules::from_raw(&app.access));
             applications.insert(server_name, application);
@@ -578,6 +623,7 @@ fn build(
         id,
         source: source.to_path_buf(),
         listen,
+        listen_tls,
         certified_key: certified?,
         trust: trust?,
         applications,
@@ -587,6 +633,8 @@ fn build(
             receive: g.udp_receive_buffer_bytes,
             send: g.udp_send_buffer_bytes,
         },
+        reset_key,
+        min_reset_interval: Duration::from_millis(g.min_reset_interval_ms),
         timeouts: Timeouts {
             handshake: Duration::from_millis(g.handshake_timeout_ms),
             idle: Duration::from_secs(g.idle_timeout_secs),
@@ -646,6 +694,27 @@ fn certificate_covers(cert: &CertificateDer<'_>, name: &str) -> bool {
         return false;
     };
     ee.verify_is_valid_for_subject_name(&server_name).is_ok()
+}
+
+/// Validates an application's TLS-over-TCP ALPN list and returns it as bytes.
+fn check_tls_alpn(c: &mut Collector, i: usize, protocols: &[String]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for (j, protocol) in protocols.iter().enumerate() {
+        let key = format!("application[{i}].tls_alpn[{j}]");
+        if protocol.as_bytes() == crate::protocol::ALPN {
+            c.push(
+                key,
+                "ztgate/1 is the QUIC ingress protocol and is not spoken over TLS over TCP; list the application's own protocols, such as \"http/1.1\"",
+            );
+        } else if protocol.is_empty() || protocol.len() > 255 {
+            c.push(key, "an ALPN protocol name must be 1 to 255 bytes long");
+        } else if out.iter().any(|p: &Vec<u8>| p == protocol.as_bytes()) {
+            c.push(key, format!("{protocol:?} is listed twice"));
+        } else {
+            out.push(protocol.as_bytes().to_vec());
+        }
+    }
+    out
 }
 
 fn check_access(c: &mut Collector, i: usize, access: &RawAccess, ca_names: &HashSet<String>) {

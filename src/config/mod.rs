@@ -6,6 +6,6 @@ mod generation;
 mod load;
 pub mod schema;
 
-pub use generation::{Application, ConfigHandle, Generation, Limits, Timeouts};
+pub use generation::{Application, ConfigHandle, Generation, Limits, ResetKey, Timeouts};
 pub(crate) use load::check_secret_file_mode;
 pub use load::{load_generation, ConfigError, ConfigErrors};

@@ -30,7 +30,11 @@ pub struct RawConfig {
 #[derive(Debug, Clone, Deserialize)]
 pub struct RawGateway {
     /// QUIC listen addresses, `host:port`; IPv6 in brackets.
+    #[serde(default)]
     pub listen: Vec<String>,
+    /// TLS-over-TCP listen addresses, for networks that block UDP.
+    #[serde(default)]
+    pub listen_tls: Vec<String>,
     /// PEM file with the gateway's certificate chain, leaf first.
     pub certificate: String,
     /// PEM file with the gateway's private key; must not be readable by group or others.
@@ -52,6 +56,12 @@ pub struct RawGateway {
     /// Directory for state that must survive a restart (pushed revocations).
     #[serde(default)]
     pub state_dir: Option<String>,
+    /// Secret file from which the stateless reset key is derived; must not be
+    /// readable by group or others. Without it each start uses a random key.
+    #[serde(default)]
+    pub reset_key_file: Option<String>,
+    #[serde(default = "defaults::min_reset_interval_ms")]
+    pub min_reset_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -211,6 +221,9 @@ pub struct RawApplication {
     pub upstream: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// ALPN protocols offered on the TLS-over-TCP ingress for this application.
+    #[serde(default)]
+    pub tls_alpn: Vec<String>,
     #[serde(default)]
     pub access: RawAccess,
     /// "refuse" (the default) or "admit" new connections when the policy
@@ -299,6 +312,10 @@ pub mod defaults {
     }
     pub fn keep_alive_secs() -> u64 {
         15
+    }
+    /// quinn's own default (`EndpointConfig::min_reset_interval`).
+    pub fn min_reset_interval_ms() -> u64 {
+        20
     }
     pub fn admission_timeout_ms() -> u64 {
         5_000

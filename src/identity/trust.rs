@@ -126,9 +126,12 @@ impl TrustStore {
                         ca.name
                     )
                 })?;
+                // webpki stores the subject without its outer SEQUENCE, and
+                // the hint must be a whole DER Name: OpenSSL clients reject
+                // the CertificateRequest otherwise.
                 store
                     .hints
-                    .push(rustls::DistinguishedName::from(anchor.subject.to_vec()));
+                    .push(rustls::DistinguishedName::in_sequence(&anchor.subject));
                 store.anchors.push(anchor.to_owned());
                 store.anchor_ca.push(name.clone());
                 store.anchor_certs.push(cert.clone());

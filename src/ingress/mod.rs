@@ -1,13 +1,17 @@
-//! Listeners: the QUIC ingress, the shared state every ingress uses, and the
-//! control stream writer.
+//! Listeners: the QUIC and TLS-over-TCP ingresses, the shared state every
+//! ingress uses, and the control stream writer.
 
 mod control;
+pub mod duplex;
+pub mod path;
 pub mod quic;
+pub mod tls;
 mod tls_config;
 pub mod udp;
 
 pub use control::ControlWriter;
 pub use quic::{bind_quic, QuicIngress};
+pub use tls::{bind_tls, TlsIngress};
 pub use tls_config::server_tls_config;
 
 use crate::config::ConfigHandle;
@@ -26,9 +30,13 @@ pub struct IngressStats {
     pub handshake_timeouts: AtomicU64,
     pub pending_handshakes: AtomicU64,
     pub admitted: AtomicU64,
+    /// Admitted connections whose TLS handshake resumed an earlier session.
+    pub admitted_resumed: AtomicU64,
     pub refused: AtomicU64,
     pub refused_by_cap: AtomicU64,
     pub streams: AtomicU64,
+    /// Validated client address changes of QUIC connections.
+    pub path_changes: AtomicU64,
 }
 
 /// State shared by every ingress and connection task.
@@ -37,9 +45,13 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     pub stats: IngressStats,
     pub shutdown: watch::Receiver<bool>,
-    /// TLS session cache shared across config generations, so a reload does
-    /// not force every device through a full handshake.
+    /// TLS session cache of the QUIC ingress, shared across config
+    /// generations, so a reload does not force every device through a full
+    /// handshake.
     pub session_cache: Arc<dyn rustls::server::StoresServerSessions>,
+    /// The same for the TLS-over-TCP ingress, kept apart so that a session
+    /// is resumed only on the transport it was made on.
+    pub tls_session_cache: Arc<dyn rustls::server::StoresServerSessions>,
     pub refusal_log: PerSourceLimiter,
     /// The OCSP client and its cache, kept across reloads.
     pub ocsp: crate::identity::ocsp::OcspChecker,
@@ -61,6 +73,7 @@ impl Shared {
             stats: IngressStats::default(),
             shutdown,
             session_cache: rustls::server::ServerSessionMemoryCache::new(16 * 1024),
+            tls_session_cache: rustls::server::ServerSessionMemoryCache::new(16 * 1024),
             refusal_log: PerSourceLimiter::new(20, Duration::from_secs(10)),
         })
     }

@@ -3,6 +3,7 @@
 //! control stream and the session.
 
 use super::control::ControlWriter;
+use super::path::{self, PathSample, PathTracker};
 use super::tls_config::server_tls_config;
 use super::Shared;
 use crate::admission::{self, AdmissionRequest, Refused};
@@ -18,6 +19,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::watch;
 use tracing::{debug, info, warn, Instrument};
 
 /// A bound QUIC listener.
@@ -75,6 +77,25 @@ fn server_config(
     Ok((config, outcome))
 }
 
+/// Builds the endpoint settings: the stateless reset and connection ID signing keys
+/// derived from `gateway.reset_key_file`, or quinn's random ones, and the
+/// reset interval.
+fn endpoint_config(generation: &Generation) -> quinn::EndpointConfig {
+    let mut config = match &generation.reset_key {
+        Some(key) => {
+            let mut config = quinn::EndpointConfig::new(Arc::new(key.hmac_key()));
+            let cid_key = key.connection_id_key();
+            config.cid_generator(move || {
+                Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+            });
+            config
+        }
+        None => quinn::EndpointConfig::default(),
+    };
+    config.min_reset_interval(generation.min_reset_interval);
+    config
+}
+
 /// Binds one endpoint per configured listen address.
 pub fn bind_quic(shared: &Arc<Shared>) -> std::io::Result<Vec<QuicIngress>> {
     let generation = shared.config.current();
@@ -91,7 +112,7 @@ pub fn bind_quic(shared: &Arc<Shared>) -> std::io::Result<Vec<QuicIngress>> {
             std::io::Error::new(e.kind(), format!("cannot listen on UDP {addr}: {e}"))
         })?;
         let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            endpoint_config(&generation),
             Some(config),
             socket,
             Arc::new(quinn::TokioRuntime),
@@ -287,6 +308,8 @@ async fn run_admitted(
         chain: &chain,
         server_name: sni.as_deref(),
         client: remote,
+        path_changes: 0,
+        previous_address: None,
         transport: Transport::Quic,
         now: SystemTime::now(),
         session_started: None,
@@ -358,6 +381,9 @@ async fn run_admitted(
     metrics::connection("admitted", "no-error");
     metrics::sessions_active(1.0);
     let _gauge = SessionGauge;
+    if resumed {
+        stats.admitted_resumed.fetch_add(1, Ordering::Relaxed);
+    }
     let expires_in = admitted.deadline.as_ref().map(|d| {
         d.at.saturating_duration_since(Instant::now())
             .as_secs_f64()
@@ -381,6 +407,8 @@ async fn run_admitted(
         server_name: sni,
         transport: Transport::Quic,
         client: remote,
+        path_changes: 0,
+        previous_address: None,
         started,
         admitted,
         application: application.clone(),
@@ -388,19 +416,23 @@ async fn run_admitted(
         ocsp: Some(shared.ocsp.clone()),
         posture: Some(shared.posture.clone()),
         reevaluate: guard.entry.reevaluate.clone(),
+        entry: guard.entry.clone(),
     };
     let mut close_rx = guard.close.clone();
     let mut shutdown = shared.shutdown.clone();
+    let (address_tx, mut address_rx) = watch::channel(remote);
     let streams = accept_streams(
         connection.clone(),
         shared.clone(),
         guard.entry.clone(),
         application,
     );
-    tokio::pin!(streams);
+    let path = track_path(&connection, &shared, &guard.entry, address_tx);
+    tokio::pin!(streams, path);
     let ending = tokio::select! {
-        request = supervise(&mut state, &shared.config, &mut close_rx, &mut shutdown) => Some(request),
+        request = supervise(&mut state, &shared.config, &mut close_rx, &mut shutdown, &mut address_rx) => Some(request),
         _ = &mut streams => None,
+        _ = &mut path => None,
     };
     let entry = &guard.entry;
     let up = entry.bytes_to_upstream.load(Ordering::Relaxed);
@@ -430,6 +462,38 @@ async fn run_admitted(
                 .unwrap_or_default();
             info!(reason = %reason, bytes_to_upstream = up, bytes_to_client = down, duration_ms = started.elapsed().as_millis() as u64, "session ended");
         }
+    }
+}
+
+/// Samples the connection's path until the connection ends, and publishes
+/// each validated client address change: a log line, the registry entry, the
+/// counter and `addresses`, which makes the supervisor evaluate the session
+/// again. Unvalidated addresses go nowhere.
+async fn track_path(
+    connection: &quinn::Connection,
+    shared: &Shared,
+    entry: &crate::session::SessionEntry,
+    addresses: watch::Sender<SocketAddr>,
+) {
+    let mut tracker = PathTracker::new(*addresses.borrow());
+    let mut ticks = tokio::time::interval(path::POLL_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let closed = connection.closed();
+    tokio::pin!(closed);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = &mut closed => return,
+        }
+        let old = tracker.validated();
+        let Some(new) = tracker.observe(PathSample::read(connection)) else {
+            continue;
+        };
+        info!(old = %old, new = %new, "client address changed (path validated)");
+        *entry.client.lock().unwrap_or_else(|p| p.into_inner()) = new;
+        entry.path_changes.fetch_add(1, Ordering::Relaxed);
+        shared.stats.path_changes.fetch_add(1, Ordering::Relaxed);
+        addresses.send_replace(new);
     }
 }
 

@@ -24,6 +24,12 @@ pub struct SessionEntry {
     pub started: Instant,
     /// The validated client address, updated when the path changes.
     pub client: Mutex<SocketAddr>,
+    /// Validated client address changes (QUIC connection migrations).
+    pub path_changes: AtomicU64,
+    /// Policy evaluations so far: the admission and every re-evaluation.
+    pub evaluations: AtomicU64,
+    /// The client address the latest policy evaluation was given.
+    pub evaluated_client: Mutex<SocketAddr>,
     pub bytes_to_upstream: AtomicU64,
     pub bytes_to_client: AtomicU64,
     /// Wakes the session's supervisor to evaluate the session again now.
@@ -201,6 +207,9 @@ impl Registry {
             transport,
             started: Instant::now(),
             client: Mutex::new(client),
+            path_changes: AtomicU64::new(0),
+            evaluations: AtomicU64::new(1),
+            evaluated_client: Mutex::new(client),
             bytes_to_upstream: AtomicU64::new(0),
             bytes_to_client: AtomicU64::new(0),
             reevaluate: Arc::new(tokio::sync::Notify::new()),

@@ -1,6 +1,7 @@
 //! The session supervisor: one select over everything that can end a
 //! session, with re-evaluation when the decision expires or the config changes.
 
+use super::SessionEntry;
 use crate::admission::{self, AdmissionRequest, Admitted, Deadline};
 use crate::config::{Application, ConfigHandle};
 use crate::policy::Transport;
@@ -8,6 +9,7 @@ use crate::protocol::Code;
 use arc_swap::ArcSwap;
 use rustls::pki_types::CertificateDer;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 use tokio::sync::watch;
@@ -35,7 +37,12 @@ pub struct SessionState {
     pub chain: Vec<CertificateDer<'static>>,
     pub server_name: Option<String>,
     pub transport: Transport,
+    /// The validated client address.
     pub client: SocketAddr,
+    /// Validated client address changes since the session started.
+    pub path_changes: u32,
+    /// The validated client address before the latest change.
+    pub previous_address: Option<SocketAddr>,
     pub started: Instant,
     pub admitted: Admitted,
     /// The application as of the latest evaluation; streams opened later
@@ -48,20 +55,26 @@ pub struct SessionState {
     /// Notified when something outside the session (a posture push) asks
     /// for an evaluation now.
     pub reevaluate: Arc<tokio::sync::Notify>,
+    /// The registry entry, which records each evaluation.
+    pub entry: Arc<SessionEntry>,
 }
 
 /// Waits until the session must end and returns why. Re-evaluates the
-/// session when its decision expires and whenever a new config generation
-/// is in force; the certificate's notAfter and the maximum session length
-/// end it without re-evaluation.
+/// session when its decision expires, whenever a new config generation is in
+/// force, and when `addresses` brings a new validated client address. The
+/// certificate's notAfter and the maximum session length end it without
+/// re-evaluation. A transport whose address cannot change passes a receiver
+/// whose sender is dropped.
 pub async fn supervise(
     state: &mut SessionState,
     config: &ConfigHandle,
     close: &mut watch::Receiver<Option<CloseRequest>>,
     shutdown: &mut watch::Receiver<bool>,
+    addresses: &mut watch::Receiver<SocketAddr>,
 ) -> CloseRequest {
     let mut generations = config.subscribe();
     generations.mark_unchanged();
+    let mut addresses_open = true;
     loop {
         if let Some(request) = close.borrow_and_update().clone() {
             return request;
@@ -90,6 +103,21 @@ pub async fn supervise(
             _ = state.reevaluate.notified() => {
                 if let Err(request) = reevaluate(state, config, "requested").await {
                     return request;
+                }
+            }
+            changed = addresses.changed(), if addresses_open => {
+                if changed.is_err() {
+                    addresses_open = false;
+                    continue;
+                }
+                let address = *addresses.borrow_and_update();
+                if address != state.client {
+                    state.previous_address = Some(state.client);
+                    state.client = address;
+                    state.path_changes = state.path_changes.saturating_add(1);
+                    if let Err(request) = reevaluate(state, config, "path-change").await {
+                        return request;
+                    }
                 }
             }
             changed = generations.changed() => {
@@ -123,6 +151,8 @@ async fn reevaluate(
         chain: &state.chain,
         server_name: state.server_name.as_deref(),
         client: state.client,
+        path_changes: state.path_changes,
+        previous_address: state.previous_address,
         transport: state.transport,
         now: SystemTime::now(),
         session_started: Some(state.started),
@@ -130,11 +160,19 @@ async fn reevaluate(
         ocsp: state.ocsp.as_ref(),
         posture: state.posture.as_deref(),
     };
-    match admission::admit(&generation, &request).await {
+    let outcome = admission::admit(&generation, &request).await;
+    state.entry.evaluations.fetch_add(1, Ordering::Relaxed);
+    *state
+        .entry
+        .evaluated_client
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = state.client;
+    match outcome {
         Ok(admitted) => {
             state.policy_outage_since = None;
             tracing::debug!(
                 trigger,
+                client = %state.client,
                 rule = admitted.decision.rule(),
                 "session re-evaluated: allowed"
             );
@@ -167,6 +205,7 @@ async fn reevaluate(
         Err(refusal) => {
             tracing::info!(
                 trigger,
+                client = %state.client,
                 code = refusal.code.name(),
                 reason = %refusal.reason,
                 "session re-evaluated: closing"

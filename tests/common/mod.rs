@@ -2,9 +2,12 @@
 //! files, upstream servers and clients, all on loopback with port 0.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -42,6 +45,8 @@ pub struct App {
     pub upstream: String,
     /// TOML lines of the access table.
     pub access: String,
+    /// More TOML lines of the `[[application]]` table, such as `tls_alpn`.
+    pub extra: String,
 }
 
 impl App {
@@ -54,17 +59,31 @@ impl App {
 spiffe_prefixes = ["spiffe://example.test/device"]
 require_hardware_bound = true"#
                 .to_string(),
+            extra: String::new(),
         }
     }
 }
 
 /// Writes a config into its own temp dir and returns (dir, path).
 pub fn write_config(listen: &str, apps: &[App], extra: &str) -> (tempfile::TempDir, PathBuf) {
-    let device_cas = format!(
+    write_config_with(listen, apps, "", extra)
+}
+
+fn dev_device_cas() -> String {
+    format!(
         "[[device_ca]]\nname = \"dev-devices\"\ncertificates = [\"{}/device-ca.pem\"]\n",
         pki().display()
-    );
-    write_config_with_cas(listen, apps, &device_cas, extra)
+    )
+}
+
+/// Like [`write_config`], with `gateway_extra` lines added to `[gateway]`.
+pub fn write_config_with(
+    listen: &str,
+    apps: &[App],
+    gateway_extra: &str,
+    extra: &str,
+) -> (tempfile::TempDir, PathBuf) {
+    write_config_full(listen, apps, gateway_extra, &dev_device_cas(), extra)
 }
 
 /// Writes a config whose `[[device_ca]]` tables are the TOML in `device_cas`
@@ -72,6 +91,16 @@ pub fn write_config(listen: &str, apps: &[App], extra: &str) -> (tempfile::TempD
 pub fn write_config_with_cas(
     listen: &str,
     apps: &[App],
+    device_cas: &str,
+    extra: &str,
+) -> (tempfile::TempDir, PathBuf) {
+    write_config_full(listen, apps, "", device_cas, extra)
+}
+
+fn write_config_full(
+    listen: &str,
+    apps: &[App],
+    gateway_extra: &str,
     device_cas: &str,
     extra: &str,
 ) -> (tempfile::TempDir, PathBuf) {
@@ -85,6 +114,7 @@ private_key = "{pki}/gateway.key"
 handshake_timeout_ms = 3000
 idle_timeout_secs = 30
 keep_alive_secs = 5
+{gateway_extra}
 
 [identity]
 hardware_bound_oid = "1.3.6.1.4.1.55555.1.1"
@@ -96,8 +126,8 @@ hardware_bound_oid = "1.3.6.1.4.1.55555.1.1"
     );
     for app in apps {
         text.push_str(&format!(
-            "\n[[application]]\nname = \"{}\"\nserver_name = \"{}\"\nupstream = \"{}\"\n[application.access]\n{}\n",
-            app.name, app.server_name, app.upstream, app.access
+            "\n[[application]]\nname = \"{}\"\nserver_name = \"{}\"\nupstream = \"{}\"\n{}\n[application.access]\n{}\n",
+            app.name, app.server_name, app.upstream, app.extra, app.access
         ));
     }
     let path = dir.path().join("ztgate.toml");
@@ -119,7 +149,17 @@ pub struct TestGateway {
 
 impl TestGateway {
     pub async fn start(listen: &str, apps: &[App], extra: &str) -> TestGateway {
-        let (dir, config) = write_config(listen, apps, extra);
+        TestGateway::start_with(listen, apps, "", extra).await
+    }
+
+    /// Like [`TestGateway::start`], with `gateway_extra` lines added to `[gateway]`.
+    pub async fn start_with(
+        listen: &str,
+        apps: &[App],
+        gateway_extra: &str,
+        extra: &str,
+    ) -> TestGateway {
+        let (dir, config) = write_config_with(listen, apps, gateway_extra, extra);
         let gateway = Gateway::start(&config).await.expect("gateway starts");
         TestGateway {
             gateway,
@@ -146,6 +186,11 @@ impl TestGateway {
 
     pub fn addr(&self) -> SocketAddr {
         self.gateway.quic_addrs()[0]
+    }
+
+    /// The first TLS-over-TCP listener's address.
+    pub fn tls_addr(&self) -> SocketAddr {
+        self.gateway.tls_addrs()[0]
     }
 }
 
@@ -308,5 +353,235 @@ pub async fn refusal(
             t.admitted
         ),
         Err(e) => e,
+    }
+}
+
+/// Kills the child when the test ends, whatever happens.
+pub struct Running {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Running {
+    /// Starts `command` and forwards the lines of stdout or stderr.
+    pub fn spawn(mut command: Command, from_stderr: bool) -> Running {
+        command.stdin(Stdio::null());
+        if from_stderr {
+            command.stderr(Stdio::piped()).stdout(Stdio::null());
+        } else {
+            command.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        }
+        let mut child = command.spawn().expect("spawn");
+        let pipe: Box<dyn std::io::Read + Send> = if from_stderr {
+            Box::new(child.stderr.take().expect("stderr"))
+        } else {
+            Box::new(child.stdout.take().expect("stdout"))
+        };
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Running { child, lines }
+    }
+
+    /// Starts `command` and forwards the lines of both stdout and stderr.
+    pub fn spawn_both(mut command: Command) -> Running {
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("spawn");
+        let (tx, lines) = mpsc::channel();
+        let pipes: [Box<dyn std::io::Read + Send>; 2] = [
+            Box::new(child.stdout.take().expect("stdout")),
+            Box::new(child.stderr.take().expect("stderr")),
+        ];
+        for pipe in pipes {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        Running { child, lines }
+    }
+
+    /// Waits (bounded) for a line containing every marker and returns the whole line.
+    pub fn wait_for_all(&self, markers: &[&str], limit: Duration) -> String {
+        let deadline = std::time::Instant::now() + limit;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if markers.iter().all(|m| line.contains(m)) {
+                        return line;
+                    }
+                    seen.push(line);
+                }
+                Err(_) => break,
+            }
+        }
+        panic!("no line with all of {markers:?} within {limit:?}; saw: {seen:#?}");
+    }
+
+    /// Waits (bounded) for a line containing `marker` and returns the text after it.
+    pub fn wait_for(&self, marker: &str, limit: Duration) -> String {
+        let deadline = std::time::Instant::now() + limit;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(pos) = line.find(marker) {
+                        return line[pos + marker.len()..].trim().to_string();
+                    }
+                    seen.push(line);
+                }
+                Err(_) => break,
+            }
+        }
+        panic!("no line with {marker:?} within {limit:?}; saw: {seen:#?}");
+    }
+}
+
+/// What a [`UdpRelay`] does with a client datagram besides forwarding it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spoof {
+    Off,
+    /// Also send a copy from the forged address, after the original.
+    CopyAfter,
+    /// Also send a copy from the forged address, before the original, so
+    /// the copy arrives first.
+    CopyFirst,
+}
+
+/// Switches and counters of a [`UdpRelay`].
+pub struct RelayControl {
+    /// Drop every datagram in both directions, like a network that blocks UDP.
+    pub blocked: std::sync::atomic::AtomicBool,
+    spoof: Mutex<Spoof>,
+    rebind: tokio::sync::Notify,
+    /// Bytes sent to the target from the forged address.
+    pub forged_sent: std::sync::atomic::AtomicU64,
+    /// Bytes the target sent to the forged address (the relay drops them).
+    pub forged_received: std::sync::atomic::AtomicU64,
+    /// The relay's genuine address as the target sees it.
+    pub upstream: Mutex<SocketAddr>,
+}
+
+impl RelayControl {
+    pub fn set_spoof(&self, spoof: Spoof) {
+        *self.spoof.lock().expect("lock") = spoof;
+    }
+
+    /// Moves the genuine upstream side to a new port, as a NAT rebinding does.
+    pub fn rebind(&self) {
+        self.rebind.notify_one();
+    }
+
+    pub fn upstream(&self) -> SocketAddr {
+        *self.upstream.lock().expect("lock")
+    }
+}
+
+/// A UDP relay on loopback for one client: datagrams from the client go to
+/// `target` from the relay's own upstream socket, and answers come back,
+/// like a NAT. It can block traffic, forge copies from `forged_ip`, and
+/// move its upstream port. It stops when dropped or after five minutes.
+pub struct UdpRelay {
+    pub addr: SocketAddr,
+    pub control: Arc<RelayControl>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for UdpRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl UdpRelay {
+    pub async fn start(target: SocketAddr, forged_ip: &str) -> UdpRelay {
+        use std::sync::atomic::Ordering;
+        use tokio::net::UdpSocket;
+        let front = UdpSocket::bind("127.0.0.1:0").await.expect("bind relay");
+        let addr = front.local_addr().expect("addr");
+        let mut upstream = UdpSocket::bind("127.0.0.1:0").await.expect("bind upstream");
+        let forged = UdpSocket::bind(format!("{forged_ip}:0"))
+            .await
+            .expect("bind forged address");
+        let control = Arc::new(RelayControl {
+            blocked: Default::default(),
+            spoof: Mutex::new(Spoof::Off),
+            rebind: tokio::sync::Notify::new(),
+            forged_sent: Default::default(),
+            forged_received: Default::default(),
+            upstream: Mutex::new(upstream.local_addr().expect("addr")),
+        });
+        let c = control.clone();
+        let task = tokio::spawn(async move {
+            let mut client: Option<SocketAddr> = None;
+            let mut from_client = vec![0u8; 65536];
+            let mut from_target = vec![0u8; 65536];
+            let mut to_forged = vec![0u8; 65536];
+            let stop = tokio::time::sleep(Duration::from_secs(300));
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    _ = &mut stop => return,
+                    _ = c.rebind.notified() => {
+                        upstream = UdpSocket::bind("127.0.0.1:0").await.expect("rebind upstream");
+                        *c.upstream.lock().expect("lock") = upstream.local_addr().expect("addr");
+                    }
+                    received = front.recv_from(&mut from_client) => {
+                        let Ok((n, peer)) = received else { continue };
+                        client = Some(peer);
+                        if c.blocked.load(Ordering::Relaxed) {
+                            continue;
+                        }
+                        let datagram = &from_client[..n];
+                        let spoof = *c.spoof.lock().expect("lock");
+                        if spoof == Spoof::CopyFirst {
+                            let _ = forged.send_to(datagram, target).await;
+                            c.forged_sent.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        let _ = upstream.send_to(datagram, target).await;
+                        if spoof == Spoof::CopyAfter {
+                            let _ = forged.send_to(datagram, target).await;
+                            c.forged_sent.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                    }
+                    received = upstream.recv_from(&mut from_target) => {
+                        let Ok((n, _)) = received else { continue };
+                        if let (Some(client), false) = (client, c.blocked.load(Ordering::Relaxed)) {
+                            let _ = front.send_to(&from_target[..n], client).await;
+                        }
+                    }
+                    received = forged.recv_from(&mut to_forged) => {
+                        if let Ok((n, _)) = received {
+                            c.forged_received.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        });
+        UdpRelay {
+            addr,
+            control,
+            task,
+        }
     }
 }

@@ -1,0 +1,432 @@
+//! The TLS-over-TCP ingress, for networks that block UDP: one TCP listener
+//! per `gateway.listen_tls` address, and a task per connection that runs the
+//! TLS handshake under a deadline, admission and the session.
+//!
+//! One TCP connection carries one tunnel, with no preamble and no control
+//! stream: after admission the decrypted bytes go to the application's
+//! upstream as they are. The ClientHello's server name selects the
+//! application, and with it the ALPN protocols offered (`tls_alpn`).
+//! Refusals during the handshake are TLS alerts. After the handshake, TLS
+//! has no way to carry a reason, so refusals and closes are a close_notify
+//! and an info log line. An upstream that is unreachable or resets ends the
+//! tunnel with a TCP reset instead, so the client sees an abort.
+
+use super::duplex::{copy_duplex, reset_on_close, DuplexEnd};
+use super::quic::canonical;
+use super::tls_config::server_tls_config;
+use super::Shared;
+use crate::admission::{self, AdmissionRequest, Refused};
+use crate::config::Generation;
+use crate::identity::HandshakeOutcome;
+use crate::policy::Transport;
+use crate::session::{supervise, SessionState, SourceGuard};
+use rustls::pki_types::CertificateDer;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::LazyConfigAcceptor;
+use tracing::{debug, info, warn, Instrument};
+
+/// How long a close_notify may take to be written before the connection is dropped.
+const CLOSE_NOTIFY_LIMIT: Duration = Duration::from_secs(1);
+
+/// A bound TLS-over-TCP listener.
+pub struct TlsIngress {
+    listener: TcpListener,
+    pub local_addr: SocketAddr,
+}
+
+/// Binds one TCP listener per configured `listen_tls` address.
+pub fn bind_tls(shared: &Arc<Shared>) -> std::io::Result<Vec<TlsIngress>> {
+    let generation = shared.config.current();
+    let mut out = Vec::new();
+    for addr in &generation.listen_tls {
+        let listener = bind_tcp(*addr).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot listen on TCP {addr}: {e}"))
+        })?;
+        let local_addr = listener.local_addr()?;
+        info!(%local_addr, "TLS listener started");
+        out.push(TlsIngress {
+            listener,
+            local_addr,
+        });
+    }
+    Ok(out)
+}
+
+/// Binds a TCP listener; an unspecified IPv6 address also accepts IPv4.
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+impl TlsIngress {
+    /// Accepts connections until shutdown.
+    pub async fn run(self, shared: Arc<Shared>) {
+        let mut shutdown = shared.shutdown.clone();
+        loop {
+            let accepted = tokio::select! {
+                accepted = self.listener.accept() => accepted,
+                _ = shutdown.changed() => break,
+            };
+            match accepted {
+                Ok((tcp, peer)) => accept_one(tcp, canonical(peer), &shared),
+                Err(e) => {
+                    // Usually out of file descriptors: pause instead of spinning.
+                    warn!(local_addr = %self.local_addr, error = %e, "TCP accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        info!(local_addr = %self.local_addr, "TLS listener stopped accepting");
+    }
+}
+
+fn accept_one(tcp: TcpStream, remote: SocketAddr, shared: &Arc<Shared>) {
+    let generation = shared.config.current();
+    let limits = &generation.limits;
+    let Some(source_guard) = shared.registry.try_acquire_source(
+        remote.ip(),
+        limits.max_connections_per_source,
+        limits.max_connections,
+    ) else {
+        shared.stats.refused_by_cap.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = shared.refusal_log.check(remote.ip(), Instant::now()) {
+            info!(source = %remote, transport = "tls", suppressed, reason = "connection cap reached", "connection refused");
+        }
+        reset_on_close(&tcp);
+        return;
+    };
+    let _ = tcp.set_nodelay(true);
+    let shared = shared.clone();
+    let span = tracing::info_span!("conn", source = %remote, transport = "tls", sni = tracing::field::Empty, device = tracing::field::Empty, app = tracing::field::Empty, session = tracing::field::Empty);
+    tokio::spawn(
+        async move {
+            handle_connection(tcp, remote, source_guard, generation, shared).await;
+        }
+        .instrument(span),
+    );
+}
+
+/// A failed handshake with what is known for its log line.
+struct HandshakeFailure {
+    sni: Option<String>,
+    outcome: Option<Arc<Mutex<HandshakeOutcome>>>,
+    error: std::io::Error,
+}
+
+struct Handshake {
+    stream: TlsStream<TcpStream>,
+    sni: Option<String>,
+    outcome: Arc<Mutex<HandshakeOutcome>>,
+}
+
+async fn handshake(
+    tcp: TcpStream,
+    generation: &Generation,
+    shared: &Shared,
+) -> Result<Handshake, HandshakeFailure> {
+    let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
+        .await
+        .map_err(|error| HandshakeFailure {
+            sni: None,
+            outcome: None,
+            error,
+        })?;
+    let sni = start.client_hello().server_name().map(str::to_owned);
+    if let Some(name) = &sni {
+        tracing::Span::current().record("sni", name.as_str());
+    }
+    let alpn: Vec<&[u8]> = sni
+        .as_deref()
+        .and_then(|name| generation.application(name))
+        .map(|app| app.tls_alpn.iter().map(Vec::as_slice).collect())
+        .unwrap_or_default();
+    let (config, outcome) = server_tls_config(generation, &alpn, shared.tls_session_cache.clone())
+        .map_err(|e| HandshakeFailure {
+            sni: sni.clone(),
+            outcome: None,
+            error: std::io::Error::other(format!("TLS configuration failed: {e}")),
+        })?;
+    match start.into_stream(Arc::new(config)).await {
+        Ok(stream) => Ok(Handshake {
+            stream,
+            sni,
+            outcome,
+        }),
+        Err(error) => Err(HandshakeFailure {
+            sni,
+            outcome: Some(outcome),
+            error,
+        }),
+    }
+}
+
+async fn handle_connection(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    _source_guard: SourceGuard,
+    generation: Arc<Generation>,
+    shared: Arc<Shared>,
+) {
+    let stats = &shared.stats;
+    stats.handshakes_started.fetch_add(1, Ordering::Relaxed);
+    stats.pending_handshakes.fetch_add(1, Ordering::Relaxed);
+    let deadline = generation.timeouts.handshake;
+    let result = tokio::time::timeout(deadline, handshake(tcp, &generation, &shared)).await;
+    stats.pending_handshakes.fetch_sub(1, Ordering::Relaxed);
+    let handshake = match result {
+        Err(_) => {
+            stats.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
+            if shared
+                .refusal_log
+                .check(remote.ip(), Instant::now())
+                .is_some()
+            {
+                info!(reason = "handshake-timeout", deadline = ?deadline, "connection refused: the handshake did not complete in time");
+            }
+            return;
+        }
+        Ok(Err(failure)) => {
+            stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+            log_handshake_failure(&shared, remote, &failure);
+            return;
+        }
+        Ok(Ok(handshake)) => handshake,
+    };
+    let verified_now = handshake
+        .outcome
+        .lock()
+        .map(|o| o.verified)
+        .unwrap_or(false);
+    let chain: Vec<CertificateDer<'static>> = handshake
+        .stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|certs| certs.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default();
+    run_admitted(
+        handshake.stream,
+        chain,
+        handshake.sni,
+        remote,
+        !verified_now,
+        shared,
+    )
+    .await;
+}
+
+fn log_handshake_failure(shared: &Shared, remote: SocketAddr, failure: &HandshakeFailure) {
+    let Some(suppressed) = shared.refusal_log.check(remote.ip(), Instant::now()) else {
+        return;
+    };
+    let rejected = failure
+        .outcome
+        .as_ref()
+        .and_then(|o| o.lock().ok().and_then(|o| o.rejected.clone()));
+    let app = failure.sni.as_deref().unwrap_or("");
+    match rejected {
+        Some((leaf, err)) => info!(
+            unverified_subject = %leaf.subject,
+            unverified_serial = %leaf.serial_hex,
+            unverified_issuer = %leaf.issuer,
+            unverified_sha256 = %leaf.cert_sha256,
+            app,
+            reason = err.reason_label(),
+            detail = %err,
+            suppressed,
+            "connection refused at the handshake"
+        ),
+        None => info!(
+            app,
+            reason = "handshake-failed",
+            detail = %failure.error,
+            suppressed,
+            "connection refused at the handshake"
+        ),
+    }
+}
+
+async fn run_admitted(
+    mut stream: TlsStream<TcpStream>,
+    chain: Vec<CertificateDer<'static>>,
+    sni: Option<String>,
+    remote: SocketAddr,
+    resumed: bool,
+    shared: Arc<Shared>,
+) {
+    let stats = &shared.stats;
+    let started = Instant::now();
+    let generation = shared.config.current();
+    let request = AdmissionRequest {
+        chain: &chain,
+        server_name: sni.as_deref(),
+        client: remote,
+        path_changes: 0,
+        previous_address: None,
+        transport: Transport::Tls,
+        now: SystemTime::now(),
+        session_started: None,
+        previous: None,
+        ocsp: Some(&shared.ocsp),
+        posture: Some(&shared.posture),
+    };
+    let admitted = match admission::admit(&generation, &request).await {
+        Ok(a) => a,
+        Err(refused) => {
+            stats.refused.fetch_add(1, Ordering::Relaxed);
+            log_refusal(&shared, remote, resumed, &refused);
+            close_notify(&mut stream).await;
+            return;
+        }
+    };
+    let span = tracing::Span::current();
+    span.record("device", admitted.identity.device_id.as_str());
+    span.record("app", admitted.application.name.as_str());
+    let guard = match shared.registry.register(
+        admitted.identity.clone(),
+        admitted.ca_name.clone(),
+        &admitted.application.name,
+        Transport::Tls,
+        remote,
+        generation.limits.max_connections_per_device,
+    ) {
+        Ok(g) => g,
+        Err(close) => {
+            stats.refused.fetch_add(1, Ordering::Relaxed);
+            if shared
+                .refusal_log
+                .check(remote.ip(), Instant::now())
+                .is_some()
+            {
+                info!(device = %admitted.identity.device_id, app = %admitted.application.name, reason = close.code.name(), detail = %close.reason, "connection refused after the handshake");
+            }
+            close_notify(&mut stream).await;
+            return;
+        }
+    };
+    span.record("session", guard.entry.id);
+    stats.admitted.fetch_add(1, Ordering::Relaxed);
+    if resumed {
+        stats.admitted_resumed.fetch_add(1, Ordering::Relaxed);
+    }
+    stats.streams.fetch_add(1, Ordering::Relaxed);
+    debug!(rule = admitted.decision.rule(), resumed, ca = %admitted.ca_name, "connection admitted");
+
+    let application = admitted.application.clone();
+    let mut upstream = match application.upstream.connect().await {
+        Ok(tcp) => tcp,
+        Err(e) => {
+            warn!(upstream = %application.upstream.display(), error = %e, "upstream unreachable; connection reset");
+            reset_on_close(stream.get_ref().0);
+            return;
+        }
+    };
+    let buffer = generation.limits.copy_buffer_bytes;
+    let mut state = SessionState {
+        chain,
+        server_name: sni,
+        transport: Transport::Tls,
+        client: remote,
+        path_changes: 0,
+        previous_address: None,
+        started,
+        admitted,
+        application: Arc::new(arc_swap::ArcSwap::new(application)),
+        policy_outage_since: None,
+        ocsp: Some(shared.ocsp.clone()),
+        posture: Some(shared.posture.clone()),
+        reevaluate: guard.entry.reevaluate.clone(),
+        entry: guard.entry.clone(),
+    };
+    let mut close_rx = guard.close.clone();
+    let mut shutdown = shared.shutdown.clone();
+    // A TCP connection keeps its address, so no path change ever arrives.
+    let (_, mut addresses) = watch::channel(remote);
+    let outcome = {
+        let copy = copy_duplex(&mut stream, &mut upstream, buffer);
+        tokio::pin!(copy);
+        tokio::select! {
+            request = supervise(&mut state, &shared.config, &mut close_rx, &mut shutdown, &mut addresses) => Err(request),
+            copied = &mut copy => Ok(copied),
+        }
+    };
+    let entry = &guard.entry;
+    let duration_ms = started.elapsed().as_millis() as u64;
+    match outcome {
+        Err(request) => {
+            let up = entry.bytes_to_upstream.load(Ordering::Relaxed);
+            let down = entry.bytes_to_client.load(Ordering::Relaxed);
+            info!(code = request.code.name(), reason = %request.reason, bytes_to_upstream = up, bytes_to_client = down, duration_ms, "session closed by the gateway");
+            reset_on_close(&upstream);
+            close_notify(&mut stream).await;
+        }
+        Ok((end, copied)) => {
+            entry
+                .bytes_to_upstream
+                .fetch_add(copied.first_to_second, Ordering::Relaxed);
+            entry
+                .bytes_to_client
+                .fetch_add(copied.second_to_first, Ordering::Relaxed);
+            let (up, down) = (copied.first_to_second, copied.second_to_first);
+            match end {
+                DuplexEnd::Finished => {
+                    info!(
+                        bytes_to_upstream = up,
+                        bytes_to_client = down,
+                        duration_ms,
+                        "session ended"
+                    )
+                }
+                DuplexEnd::Aborted { side, error } => {
+                    let by = match side {
+                        super::duplex::Side::First => "client",
+                        super::duplex::Side::Second => "upstream",
+                    };
+                    info!(aborted_by = by, error = %error, bytes_to_upstream = up, bytes_to_client = down, duration_ms, "session ended abruptly; both connections reset");
+                    reset_on_close(&upstream);
+                    reset_on_close(stream.get_ref().0);
+                }
+            }
+        }
+    }
+}
+
+fn log_refusal(shared: &Shared, remote: SocketAddr, resumed: bool, refused: &Refused) {
+    if let Some(suppressed) = shared.refusal_log.check(remote.ip(), Instant::now()) {
+        info!(
+            device = refused.device.as_deref().unwrap_or(""),
+            app = refused.application.as_deref().unwrap_or(""),
+            reason = refused.code.name(),
+            detail = %refused.reason,
+            rule = refused.rule.as_deref().unwrap_or(""),
+            resumed,
+            suppressed,
+            "connection refused after the handshake"
+        );
+    }
+}
+
+/// Sends close_notify and shuts down the TCP write side, within a bound.
+async fn close_notify(stream: &mut TlsStream<TcpStream>) {
+    if tokio::time::timeout(CLOSE_NOTIFY_LIMIT, stream.shutdown())
+        .await
+        .is_err()
+    {
+        debug!("close_notify not written in time; dropping the connection");
+    }
+}
