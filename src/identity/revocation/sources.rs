@@ -2,7 +2,7 @@
 
 use super::settings::{secs, CaRevocationConfig, RevocationSettings};
 use crate::identity::crl::{
-    looks_like_pem, parse_crl, split_crl_file, Crl, CrlChecks, CrlError, CrlErrorKind, CrlSigner,
+    looks_like_pem, parse_crl, read_crl_file, Crl, CrlChecks, CrlError, CrlErrorKind, CrlSigner,
 };
 use crate::identity::http_fetch::{FetchLimits, HttpFetcher};
 use crate::policy::rfc3339_utc;
@@ -264,19 +264,16 @@ fn load_file(path: &std::path::Path, job: &LoadJob, now_unix: i64) -> LoadResult
             job.settings.max_crl_bytes
         ));
     }
-    let bytes = match std::fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) => return LoadResult::Failed(format!("failed to read CRL file {label}: {e}")),
-    };
-    let blocks = match split_crl_file(bytes) {
-        Ok(blocks) => blocks,
-        Err(kind) => {
+    let blocks = match std::fs::File::open(path).map(read_crl_file) {
+        Ok(Ok(blocks)) => blocks,
+        Ok(Err(kind)) => {
             let error = CrlError {
                 origin: label,
                 kind,
             };
             return LoadResult::Failed(error.to_string());
         }
+        Err(e) => return LoadResult::Failed(format!("failed to read CRL file {label}: {e}")),
     };
 
     let mut crls = Vec::with_capacity(blocks.len());
