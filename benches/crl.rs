@@ -113,6 +113,7 @@ fn report_one_load(label: &str, path: &Path, signers: &[CrlSigner]) {
     // Writing 5 resets VmHWM to the current resident size (Linux 4.0 and later).
     let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
     let before = proc_status_kib("VmRSS").unwrap_or(0);
+
     let started = Instant::now();
     let cpu_before = thread_cpu_time().unwrap_or_default();
     let crls = load_file(path, signers);
@@ -120,6 +121,7 @@ fn report_one_load(label: &str, path: &Path, signers: &[CrlSigner]) {
         .unwrap_or_default()
         .saturating_sub(cpu_before);
     let elapsed = started.elapsed();
+
     let peak = proc_status_kib("VmHWM").unwrap_or(0);
     let after = proc_status_kib("VmRSS").unwrap_or(0);
     let entries: usize = crls.iter().map(|crl| crl.revoked.len()).sum();

@@ -1,9 +1,9 @@
 //! A small HTTP GET client for revocation data (CRLs, and OCSP over GET).
 //!
 //! URLs may come from a client certificate's cRLDistributionPoints, so the
-//! client only speaks plain `http://`: RFC 5280 section 4.2.1.13 and RFC 6960
-//! appendix A use HTTP, and the data is signed, so TLS adds nothing but a way
-//! to make the gateway reach arbitrary TLS servers. It follows no redirects,
+//! client only speaks plain `http://`. RFC 5280 section 4.2.1.13 and RFC 6960
+//! appendix A use HTTP, and the data is signed. TLS would add nothing but a
+//! way to make the gateway reach arbitrary TLS servers. It follows no redirects,
 //! ignores proxy environment variables, bounds every request by a total
 //! timeout, and stops reading a body as soon as it exceeds the size cap.
 //! Connections to a host are kept and reused between requests.
@@ -19,7 +19,7 @@ pub struct FetchLimits {
     pub max_bytes: u64,
 }
 
-/// Why a fetch failed. Every variant names the URL.
+/// The reason a fetch failed. Every variant names the URL.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FetchError {
     #[error("invalid URL {url:?}: {detail}")]
@@ -75,8 +75,8 @@ pub struct HttpFetcher {
 }
 
 impl HttpFetcher {
-    /// Builds the client. `connect_timeout` bounds each TCP connect; the
-    /// total timeout is per request, see [`FetchLimits`].
+    /// Builds the client. `connect_timeout` bounds each TCP connect, and the
+    /// total timeout is per request (see [`FetchLimits`]).
     ///
     /// # Errors
     ///
@@ -112,8 +112,8 @@ impl HttpFetcher {
         limits: FetchLimits,
     ) -> Result<Vec<u8>, FetchError> {
         let parsed = check_url(url)?;
-        // reqwest's own timeout covers the same span; the outer one also
-        // bounds the loop below, so the deadline holds whatever reqwest does.
+        // reqwest's own timeout covers the same span. The outer one also
+        // bounds the loop below, so the deadline applies whatever reqwest does.
         match tokio::time::timeout(limits.timeout, self.get_body(parsed, url, accept, limits)).await
         {
             Ok(result) => result,

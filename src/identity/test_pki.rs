@@ -64,12 +64,12 @@ impl Pki {
         self.path("ca/ca.cnf").display().to_string()
     }
 
-    /// The first certificate of a PEM file in the PKI directory.
+    /// Reads the first certificate of a PEM file in the PKI directory.
     pub fn cert(&self, name: &str) -> CertificateDer<'static> {
         CertificateDer::from_pem_file(self.path(name)).expect("certificate PEM")
     }
 
-    /// Every certificate of a PEM file, for example "DEV-0001-chain.pem".
+    /// Reads every certificate of a PEM file, for example "DEV-0001-chain.pem".
     pub fn chain(&self, name: &str) -> Vec<CertificateDer<'static>> {
         CertificateDer::pem_file_iter(self.path(name))
             .expect("chain file")
@@ -180,7 +180,7 @@ pub fn openssl(args: &[&str]) {
 #[derive(Clone)]
 pub enum Reply {
     Body(Vec<u8>),
-    /// Accepts the request and never answers.
+    /// Accepts the request and never sends a response.
     Silent,
 }
 
@@ -221,7 +221,7 @@ impl TestServer {
             .insert(path.to_owned(), reply);
     }
 
-    /// The paths requested so far, in order.
+    /// Returns the paths requested so far, in order.
     pub fn requests(&self) -> Vec<String> {
         self.requests.lock().expect("requests lock").clone()
     }

@@ -45,7 +45,7 @@ struct TbsParts<'a> {
     extensions: Option<AnyRef<'a>>,
 }
 
-/// What the CRL-level extensions say.
+/// The values read from the CRL-level extensions.
 struct CrlExtensions {
     crl_number: Option<Vec<u8>>,
     scope: CrlScope,
@@ -74,6 +74,7 @@ pub(super) fn parse_crl_inner(der: &[u8], checks: &CrlChecks<'_>) -> Result<Crl,
     Ok(Crl {
         origin: String::new(),
         issuer: display_name(tbs.issuer),
+        issuer_der: tbs.issuer.to_vec(),
         issuer_sha256: sha256(tbs.issuer),
         this_update,
         next_update,
@@ -156,7 +157,7 @@ fn next_tag_is<'a, R: Reader<'a>>(reader: &R, tags: &[Tag]) -> bool {
 }
 
 /// Returns whether the CRL is v2. The version field is absent in v1 CRLs
-/// and holds 1 in v2 CRLs.
+/// and is 1 in v2 CRLs.
 fn check_version(version: Option<AnyRef<'_>>) -> Result<bool, CrlErrorKind> {
     let Some(version) = version else {
         return Ok(false);
@@ -437,8 +438,8 @@ fn index_entries(revoked: Option<AnyRef<'_>>) -> Result<RevokedSerials, CrlError
     };
     let entries = revoked.value();
 
-    // Counting first sizes the map once: growing it would hold the old and the
-    // new table at the same time, 1.5 times the final size.
+    // Counting first sizes the map once, because growing it keeps the old and
+    // the new table alive together, 1.5 times the final size.
     let count = count_elements(entries)?;
     let mut index = RevokedSerials::with_capacity(count);
 

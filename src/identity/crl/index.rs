@@ -4,8 +4,8 @@ use std::collections::HashMap;
 use std::fmt;
 
 /// Serial numbers up to this many content octets are stored inline in the
-/// index. RFC 5280 section 4.1.2.2 caps conforming serials at 20 octets;
-/// longer ones go to a separate, boxed map.
+/// index. RFC 5280 section 4.1.2.2 caps conforming serials at 20 octets.
+/// Longer ones go to a separate, boxed map.
 const INLINE_SERIAL_LEN: usize = 20;
 
 /// A serial number stored inline: the length, then the content octets
@@ -62,7 +62,7 @@ impl CrlReason {
         }
     }
 
-    /// The ASN.1 name from RFC 5280, for example "keyCompromise".
+    /// Returns the ASN.1 name from RFC 5280, for example "keyCompromise".
     pub fn name(self) -> &'static str {
         match self {
             CrlReason::Unspecified => "unspecified",
@@ -104,12 +104,12 @@ impl RevokedEntry {
         }
     }
 
-    /// The revocationDate in seconds since the Unix epoch.
+    /// Returns the revocationDate in seconds since the Unix epoch.
     pub fn revoked_at_unix(&self) -> i64 {
         i64::from_le_bytes(self.revoked_at)
     }
 
-    /// The reasonCode entry extension, when present.
+    /// Returns the reasonCode entry extension, when present.
     pub fn reason(&self) -> Option<CrlReason> {
         CrlReason::from_code(self.reason)
     }

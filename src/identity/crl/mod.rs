@@ -6,11 +6,12 @@
 //! entry and no heap allocation per entry. x509-parser 0.16 would collect every
 //! entry into a `Vec` with a `BigUint` and an extension `Vec` each.
 //!
-//! Only complete CRLs are supported. A delta CRL, an indirect CRL, a CRL whose
-//! issuingDistributionPoint limits it to some revocation reasons or to
-//! attribute certificates, and a CRL with a critical extension that this
-//! module does not process are rejected with a [`CrlError`] that names the
-//! reason, so that such a CRL is never applied as if it were complete.
+//! Only complete CRLs are supported, so a CRL that is not one is rejected
+//! with a [`CrlError`] that names the reason, and never applied as if it
+//! were complete. That covers delta CRLs, indirect CRLs, and CRLs whose
+//! issuingDistributionPoint limits them to some revocation reasons or to
+//! attribute certificates. A critical extension that this module does not
+//! process also rejects the CRL.
 
 mod cert;
 mod decode;
@@ -31,7 +32,7 @@ use std::io::{BufRead, BufReader, Read};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::prelude::FromDer;
 
-/// Which certificates a CRL covers, from its issuingDistributionPoint.
+/// The certificates a CRL covers, from its issuingDistributionPoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CrlScope {
     /// Every certificate of the issuer (no IDP, or an IDP without a limit).
@@ -100,11 +101,13 @@ impl CrlSigner {
 /// A verified, indexed CRL.
 #[derive(Debug)]
 pub struct Crl {
-    /// Where the CRL came from: a file path or a URL.
+    /// The CRL's source: a file path or a URL.
     pub origin: String,
     /// The issuer Name in x509-parser's RFC 4514-style form.
     pub issuer: String,
-    /// SHA-256 of the issuer Name's DER, the same hash as
+    /// The issuer Name, DER with its SEQUENCE header.
+    pub issuer_der: Vec<u8>,
+    /// SHA-256 of `issuer_der`, the same hash as
     /// `DeviceIdentity::issuer_raw_sha256`.
     pub issuer_sha256: [u8; 32],
     pub this_update: i64,
@@ -119,12 +122,12 @@ pub struct Crl {
 }
 
 impl Crl {
-    /// The issuer hash as lower-case hex.
+    /// Returns the issuer hash as lower-case hex.
     pub fn issuer_sha256_hex(&self) -> String {
         hex_lower(&self.issuer_sha256)
     }
 
-    /// The cRLNumber as lower-case hex, when present.
+    /// Returns the cRLNumber as lower-case hex, when present.
     pub fn crl_number_hex(&self) -> Option<String> {
         self.crl_number.as_deref().map(serial_hex)
     }
@@ -149,7 +152,7 @@ impl Crl {
     }
 }
 
-/// Why a CRL was rejected.
+/// The reason a CRL was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CrlErrorKind {
     #[error("invalid DER: {0}")]

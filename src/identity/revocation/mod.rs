@@ -57,7 +57,7 @@ use tokio::sync::{watch, Notify};
 /// bound.
 pub const MAX_LEARNED_URLS_PER_CA: usize = 8;
 
-/// Longest sleep of the refresher between two looks at its schedule.
+/// Maximum sleep of the refresher between two looks at its schedule.
 const MAX_REFRESH_SLEEP_SECS: i64 = 300;
 
 /// Store-wide options.
@@ -124,6 +124,9 @@ struct State {
     /// (CA, issuer hash) of the CRLs that were stale at the last look, to
     /// notify subscribers when a CRL goes stale or fresh again.
     stale: BTreeSet<(Arc<str>, [u8; 32])>,
+    /// CAs whose learned URLs reached [`MAX_LEARNED_URLS_PER_CA`] and were
+    /// warned about.
+    learning_capped: HashSet<Arc<str>>,
 }
 
 impl State {
@@ -211,7 +214,7 @@ impl RevocationStore {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         // A poisoned lock only means another thread panicked while holding
-        // it; every update leaves the state consistent, so keep using it.
+        // it. Every update leaves the state consistent, so keep using it.
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -268,7 +271,7 @@ impl RevocationStore {
         verdict
     }
 
-    /// A receiver of a counter that increases whenever CRL data, pushes, the
+    /// Returns a receiver of a counter that increases whenever CRL data, pushes, the
     /// configuration, or the stale state of a CRL change.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
@@ -287,7 +290,9 @@ impl RevocationStore {
     /// Adds or replaces a pushed revocation and persists the list.
     ///
     /// The target is normalized (lower-case hex, canonical serial). A push
-    /// for the same target replaces the earlier one.
+    /// for the same target replaces the earlier one. An issuer and serial
+    /// push that a loaded CRL already lists is dropped at once, because the
+    /// CRL revokes the certificate already.
     ///
     /// # Errors
     ///
@@ -336,7 +341,7 @@ impl RevocationStore {
         }
     }
 
-    /// The pushed revocations in force.
+    /// Returns the pushed revocations in force.
     pub fn pushed(&self) -> Vec<PushedRevocation> {
         self.lock().pushes.clone()
     }
@@ -370,7 +375,7 @@ impl RevocationStore {
         }
         if let Some(dir) = &self.state_dir {
             if let Err(error) = save_state(dir, &state.pushes) {
-                tracing::warn!(%error, "failed to save the pushed revocations; dropped ones return after a restart until a CRL or expiry drops them again");
+                tracing::warn!(%error, "failed to save the pushed revocations. The dropped ones return after a restart until a CRL or expiry drops them again");
             }
         }
         true
@@ -415,12 +420,15 @@ impl RevocationStore {
                 .filter(|s| s.ca == ca && matches!(s.kind, SourceKind::DistributionPoint(_)))
                 .count();
             if learned >= MAX_LEARNED_URLS_PER_CA {
-                tracing::warn!(
-                    ca = %ca,
-                    url = %url,
-                    max = MAX_LEARNED_URLS_PER_CA,
-                    "distribution point ignored: the CA already has the maximum number of learned CRL URLs"
-                );
+                if state.learning_capped.insert(ca.clone()) {
+                    tracing::warn!(
+                        ca = %ca,
+                        url = %url,
+                        max = MAX_LEARNED_URLS_PER_CA,
+                        "distribution point ignored: the CA already has the maximum number of \
+                         learned CRL URLs; further ones are ignored without a warning"
+                    );
+                }
                 break;
             }
             tracing::info!(ca = %ca, url = %url, "learned a CRL distribution point");
@@ -638,7 +646,11 @@ impl RevocationStore {
             if !due.is_empty() {
                 tokio::select! {
                     _ = self.refresh(|source| due.contains(&source.id), false) => {}
-                    _ = shutdown.changed() => {}
+                    result = shutdown.changed() => {
+                        if result.is_err() {
+                            break;
+                        }
+                    }
                 }
                 continue;
             }
@@ -662,7 +674,7 @@ impl RevocationStore {
         tracing::info!("CRL refresher stopped");
     }
 
-    /// The state of every source at `now_unix`.
+    /// Returns the state of every source at `now_unix`.
     pub fn source_ages(&self, now_unix: i64) -> Vec<SourceStatus> {
         let state = self.lock();
         state
@@ -783,7 +795,7 @@ fn add_configured_sources(state: &mut State, ca: &CaState, now: i64) {
     }
 }
 
-/// What a failed load means for the CA's devices, for the warning.
+/// Describes what a failed load means for the CA's devices, for the warning.
 fn failure_consequence(state: &State, index: usize, settings: &RevocationSettings) -> String {
     let source = &state.sources[index];
     if let (Some(loaded_at), false) = (source.loaded_at, source.crls.is_empty()) {

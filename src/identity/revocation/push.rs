@@ -15,7 +15,7 @@ pub const STATE_FILE_NAME: &str = "pushed-revocations.json";
 /// Version of the state file format.
 const STATE_FILE_VERSION: u32 = 1;
 
-/// Which certificates a pushed revocation matches.
+/// The certificates a pushed revocation matches.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum PushTarget {
@@ -125,8 +125,8 @@ pub(super) struct PushIndex {
 }
 
 impl PushIndex {
-    /// Indexes normalized pushes. A target that fails to decode is skipped,
-    /// which cannot happen after [`PushTarget::normalized`].
+    /// Indexes pushes. The store passes only targets from
+    /// [`PushTarget::normalized`], which decode. One that does not is skipped.
     pub(super) fn new(entries: Vec<PushedRevocation>) -> PushIndex {
         let mut index = PushIndex::default();
         for (position, push) in entries.iter().enumerate() {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// What to do when the CRL for a certificate is past its nextUpdate by more
+/// The action when the CRL for a certificate is past its nextUpdate by more
 /// than the grace period.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StalePolicy {
@@ -15,7 +15,7 @@ pub enum StalePolicy {
     Admit,
 }
 
-/// Which certificates of a chain are checked.
+/// The certificates of a chain that are checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Depth {
     /// The leaf only.
@@ -24,7 +24,7 @@ pub enum Depth {
     Chain,
 }
 
-/// What to do when no CRL covers a certificate: none was loaded yet, or
+/// The action when no CRL covers a certificate: none was loaded yet, or
 /// none of the loaded ones is from the certificate's issuer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoCrlPolicy {
@@ -39,15 +39,15 @@ pub struct RevocationSettings {
     pub clock_skew: Duration,
     /// How long after nextUpdate a CRL is still used as if it were fresh.
     pub stale_grace: Duration,
-    /// What a CRL past nextUpdate plus the grace period means for new
-    /// connections.
+    /// The action for new connections when a CRL is past nextUpdate plus the
+    /// grace period.
     pub on_stale: StalePolicy,
     /// Whether live sessions are closed too when the CRL goes stale and
     /// `on_stale` is `Refuse`.
     pub stale_closes_sessions: bool,
     pub depth: Depth,
     pub without_crl: NoCrlPolicy,
-    /// Longest time between two fetches of a source that keeps working.
+    /// Maximum time between two fetches of a source that keeps working.
     pub refresh_interval: Duration,
     /// Up to this much random delay is added to every scheduled fetch, so
     /// that gateway nodes do not fetch at the same moment.
@@ -85,7 +85,7 @@ impl Default for RevocationSettings {
     }
 }
 
-/// One device CA as the revocation store sees it.
+/// One device CA in the form the revocation store uses.
 #[derive(Debug, Clone)]
 pub struct CaRevocationConfig {
     /// The CA name from the configuration, as in `VerifiedChain::ca_name`.
@@ -122,7 +122,7 @@ impl Clock for SystemClock {
     }
 }
 
-/// A clock that only moves when told to.
+/// A clock that moves only when a test sets or advances it.
 #[derive(Debug)]
 pub struct ManualClock {
     now: AtomicI64,

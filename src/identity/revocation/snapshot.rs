@@ -13,10 +13,10 @@ use rustls::pki_types::CertificateDer;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-/// Longest chain walked for `Depth::Chain`, a guard against name loops.
+/// Maximum chain depth walked for `Depth::Chain`, a guard against name loops.
 const MAX_CHAIN_DEPTH: usize = 8;
 
-/// What every ingress reads: per CA the CRLs in force, and the pushes.
+/// The view every ingress reads: per CA the CRLs in force, and the pushes.
 #[derive(Debug, Default)]
 pub(super) struct Snapshot {
     pub cas: HashMap<Arc<str>, CaView>,
@@ -29,13 +29,17 @@ pub(super) struct CaView {
     /// Subject Names (DER) of the trust anchors, where the chain walk stops.
     pub anchor_subjects: Vec<Vec<u8>>,
     pub intermediates: Vec<CertificateDer<'static>>,
-    /// By issuer Name hash, the newest CRL of each scope.
-    pub crls: HashMap<[u8; 32], Vec<Arc<Crl>>>,
+    /// By issuer Name DER, the newest CRL of each scope. Keying by the Name
+    /// spares `check` a SHA-256 of the issuer.
+    pub crls: HashMap<Box<[u8]>, Vec<Arc<Crl>>>,
+    /// The issuer Name DER of each key of `crls` by its SHA-256, for checks
+    /// of stored identities, which have only the hash.
+    pub issuer_names: HashMap<[u8; 32], Box<[u8]>>,
     /// Configured and learned URLs, so that learning a known URL takes no lock.
     pub known_urls: HashSet<String>,
 }
 
-/// Which store-wide input decided a verdict, for the `source` metrics label.
+/// The input that decided a verdict, for the `source` metrics label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum VerdictSource {
     Crl,
@@ -62,6 +66,7 @@ impl Snapshot {
                 anchor_subjects: ca.anchor_subjects.clone(),
                 intermediates: ca.config.intermediates.clone(),
                 crls: HashMap::new(),
+                issuer_names: HashMap::new(),
                 known_urls: HashSet::new(),
             };
             for source in sources.iter().filter(|s| s.ca == ca.name) {
@@ -70,6 +75,8 @@ impl Snapshot {
                 }
                 for crl in &source.crls {
                     add_crl(&mut view.crls, crl);
+                    view.issuer_names
+                        .insert(crl.issuer_sha256, crl.issuer_der.clone().into());
                 }
             }
             views.insert(ca.name.clone(), view);
@@ -109,7 +116,7 @@ impl Snapshot {
                 }
             };
             let subject = CertSubject {
-                issuer_sha256: sha256(fields.issuer),
+                issuer: Issuer::Der(fields.issuer),
                 serial: fields.serial,
                 der: Some(current),
                 spki: Some(fields.spki),
@@ -161,7 +168,7 @@ impl Snapshot {
             );
         };
         let subject = CertSubject {
-            issuer_sha256,
+            issuer: Issuer::Sha256(issuer_sha256),
             serial: &serial,
             der: None,
             spki: None,
@@ -195,7 +202,7 @@ impl Snapshot {
         let Some(crl) = covering_crl(view, subject, depth > 0) else {
             let verdict = RevocationVerdict::NoData {
                 depth,
-                issuer_sha256: hex_lower(&subject.issuer_sha256),
+                issuer_sha256: hex_lower(&subject.issuer.sha256()),
                 refuse: view.settings.without_crl == NoCrlPolicy::Refuse,
             };
             return (verdict, VerdictSource::None);
@@ -234,12 +241,13 @@ impl Snapshot {
         }
         if let Some(push) = self
             .pushes
-            .by_issuer_serial(&subject.issuer_sha256, subject.serial)
+            .by_issuer_serial(&subject.issuer.sha256(), subject.serial)
         {
             return Some(push.reason.clone());
         }
-        // Hashing the whole certificate costs about a microsecond, so it is
-        // done only when a push by hash exists.
+        // The certificate and key hashes are computed only when a push by
+        // hash exists, because hashing the whole certificate is the costliest
+        // step of a check.
         if !self.pushes.has_hash_targets() {
             return None;
         }
@@ -254,16 +262,33 @@ impl Snapshot {
     }
 }
 
-/// What the checks need of one certificate. The hashes are computed from
+/// The parts of one certificate that the checks need. The hashes are computed from
 /// `der` and `spki` when not given.
 struct CertSubject<'a> {
-    issuer_sha256: [u8; 32],
+    issuer: Issuer<'a>,
     /// Content octets of the serialNumber INTEGER.
     serial: &'a [u8],
     der: Option<&'a [u8]>,
     spki: Option<&'a [u8]>,
     cert_sha256: Option<[u8; 32]>,
     spki_sha256: Option<[u8; 32]>,
+}
+
+/// A certificate's issuer: its Name DER, or only the Name's SHA-256 for a
+/// stored identity.
+#[derive(Debug, Clone, Copy)]
+enum Issuer<'a> {
+    Der(&'a [u8]),
+    Sha256([u8; 32]),
+}
+
+impl Issuer<'_> {
+    fn sha256(&self) -> [u8; 32] {
+        match self {
+            Issuer::Der(name) => sha256(name),
+            Issuer::Sha256(hash) => *hash,
+        }
+    }
 }
 
 /// When a CRL stops being fresh: its nextUpdate, or thisUpdate plus the
@@ -276,8 +301,10 @@ pub(super) fn crl_expiry(crl: &Crl, settings: &RevocationSettings) -> i64 {
 }
 
 /// Keeps `crl` unless a newer CRL of the same issuer and scope is present.
-fn add_crl(crls: &mut HashMap<[u8; 32], Vec<Arc<Crl>>>, crl: &Arc<Crl>) {
-    let same_issuer = crls.entry(crl.issuer_sha256).or_default();
+fn add_crl(crls: &mut HashMap<Box<[u8]>, Vec<Arc<Crl>>>, crl: &Arc<Crl>) {
+    let same_issuer = crls
+        .entry(crl.issuer_der.clone().into_boxed_slice())
+        .or_default();
     let same_scope = same_issuer.iter_mut().find(|existing| {
         existing.scope == crl.scope && existing.distribution_points == crl.distribution_points
     });
@@ -299,7 +326,10 @@ fn covering_crl<'v>(
     subject: &CertSubject<'_>,
     is_ca: bool,
 ) -> Option<&'v Arc<Crl>> {
-    let candidates = view.crls.get(&subject.issuer_sha256)?;
+    let candidates = match subject.issuer {
+        Issuer::Der(name) => view.crls.get(name)?,
+        Issuer::Sha256(hash) => view.crls.get(view.issuer_names.get(&hash)?)?,
+    };
     let mut certificate_uris: Option<Vec<String>> = None;
     let mut best: Option<&Arc<Crl>> = None;
     for crl in candidates {

@@ -25,7 +25,7 @@ const RETRY_BASE_SECS: i64 = 10;
 /// A repeated failure of one source is logged at most this often.
 const WARN_REPEAT_SECS: i64 = 600;
 
-/// Where a source's CRLs come from.
+/// The origin of a source's CRLs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(super) enum SourceKind {
     File(PathBuf),
@@ -99,7 +99,7 @@ pub(super) struct Source {
     pub id: u64,
     pub ca: Arc<str>,
     pub kind: SourceKind,
-    /// The last CRLs that loaded and verified; kept when a later load fails.
+    /// The last CRLs that loaded and verified, kept when a later load fails.
     pub crls: Vec<Arc<Crl>>,
     pub loaded_at: Option<i64>,
     pub last_error: Option<String>,
@@ -125,7 +125,7 @@ impl Source {
         }
     }
 
-    /// The earliest expiry of the source's CRLs.
+    /// Returns the earliest nextUpdate of the source's CRLs.
     pub(super) fn earliest_next_update(&self) -> Option<i64> {
         self.crls.iter().filter_map(|crl| crl.next_update).min()
     }

@@ -19,7 +19,8 @@ fn settings() -> RevocationSettings {
     }
 }
 
-/// The device CA as the only anchor, the layout of config/ztgate.example.toml.
+/// Builds a CA with the device CA as the only anchor, the layout of
+/// config/ztgate.example.toml.
 fn device_ca(pki: &Pki, settings: RevocationSettings) -> CaRevocationConfig {
     CaRevocationConfig {
         name: CA.to_owned(),
@@ -738,8 +739,8 @@ async fn push_dropped_after_certificate_expiry() {
     assert!(changes.has_changed().expect("sender alive"));
 }
 
-/// The device CA itself is revoked in the root CA's CRL; only a chain check
-/// sees that.
+/// The device CA itself is revoked in the root CA's CRL, which only a chain
+/// check detects.
 #[tokio::test]
 async fn chain_depth_catches_revoked_intermediate() {
     let pki = Pki::new(None);

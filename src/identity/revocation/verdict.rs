@@ -45,10 +45,10 @@ pub enum RevocationVerdict {
     Unreadable { detail: String },
 }
 
-/// What the caller does with a verdict.
+/// The decision a verdict leads to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RevocationOutcome {
-    /// Proceed. `note` says why revocation was not fully checked.
+    /// Proceed. `note` explains why revocation was not fully checked.
     Admit { note: Option<String> },
     /// Reject, with a stable label for logs and metrics and a message.
     Refuse {
@@ -58,12 +58,12 @@ pub enum RevocationOutcome {
 }
 
 impl RevocationVerdict {
-    /// The decision for a new connection.
+    /// Returns the decision for a new connection.
     pub fn for_admission(&self) -> RevocationOutcome {
         self.outcome(false)
     }
 
-    /// The decision for a live session when revocation data changed. It is
+    /// Returns the decision for a live session when revocation data changed. It is
     /// the admission decision, except that stale data closes a session only
     /// with `stale_closes_sessions`.
     pub fn for_live_session(&self) -> RevocationOutcome {
