@@ -846,6 +846,13 @@ async fn missing_crl_follows_policy() {
         ),
         "{admitted:?}"
     );
+    assert!(
+        matches!(
+            refused.for_live_session(),
+            RevocationOutcome::Admit { note: Some(_) }
+        ),
+        "missing data closed a live session: {refused:?}"
+    );
     assert_eq!(unconfigured, RevocationVerdict::NotConfigured);
 }
 

@@ -36,7 +36,7 @@ pub enum RevocationVerdict {
         depth: usize,
         /// Lower-case hex SHA-256 of the certificate's issuer Name.
         issuer_sha256: String,
-        /// Whether devices are refused (`without_crl`).
+        /// Whether new connections are refused (`without_crl`).
         refuse: bool,
     },
     /// The CA has no revocation configuration in the store.
@@ -63,9 +63,11 @@ impl RevocationVerdict {
         self.outcome(false)
     }
 
-    /// Returns the decision for a live session when revocation data changed. It is
-    /// the admission decision, except that stale data closes a session only
-    /// with `stale_closes_sessions`.
+    /// Returns the decision for a live session when revocation data changed.
+    /// It is the admission decision, except that stale data closes a session
+    /// only with `stale_closes_sessions`, and missing data never does. Data
+    /// goes missing on a reconfiguration with new CA certificates, until the
+    /// new CRLs load, which is no reason to cut every session of the CA.
     pub fn for_live_session(&self) -> RevocationOutcome {
         self.outcome(true)
     }
@@ -131,7 +133,7 @@ impl RevocationVerdict {
                     "no CRL is loaded for the issuer (SHA-256 {issuer_sha256}) of the {}",
                     depth_name(*depth)
                 );
-                if *refuse {
+                if *refuse && !live {
                     RevocationOutcome::Refuse {
                         reason_label: "revocation-data-missing",
                         message,
