@@ -600,7 +600,7 @@ fn choose_device_id(
 /// RFC 5280 section 4.1.2.2 requires positive serials, but says that users
 /// should handle the negative and zero serials of non-conforming CAs
 /// gracefully. A negative serial is written as '-' and the hex of its magnitude.
-fn serial_hex(raw: &[u8]) -> String {
+pub(crate) fn serial_hex(raw: &[u8]) -> String {
     let negative = raw.first().is_some_and(|&byte| byte & 0x80 != 0);
     if negative {
         let magnitude = twos_complement_negate(raw);
@@ -641,7 +641,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex_lower(digest(&SHA256, bytes).as_ref())
 }
 
-fn hex_lower(bytes: &[u8]) -> String {
+pub(crate) fn hex_lower(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len() * 2);
     push_hex(&mut out, bytes);
     out
