@@ -8,6 +8,7 @@ use crate::admin::{
 };
 use crate::config::{ConfigErrors, ConfigHandle, Generation};
 use crate::identity::ocsp::OcspChecker;
+use crate::identity::revocation::{PushTarget, PushedRevocation, RevocationStore, StoreOptions};
 use crate::ingress::{bind_quic, bind_tls, Shared};
 use crate::protocol::Code;
 use crate::session::{CloseRequest, Selector};
@@ -49,8 +50,23 @@ impl Gateway {
         let generation = config.current();
         let ocsp = OcspChecker::new(generation.ocsp.clone())
             .map_err(|e| std::io::Error::other(format!("cannot start the OCSP client: {e}")))?;
+        let crl = RevocationStore::new(
+            generation.revocation.clone(),
+            StoreOptions {
+                state_dir: generation.state_dir.clone(),
+                ..StoreOptions::default()
+            },
+        )
+        .map_err(|e| std::io::Error::other(format!("cannot start the revocation store: {e}")))?;
+        // Load CRLs before the first connection; failures are logged and
+        // follow each CA's without_crl setting.
+        for report in crl.refresh_now(None).await {
+            if let Err(e) = &report.result {
+                tracing::warn!(ca = %report.ca, source = %report.source, error = %e, "CRL not loaded at start");
+            }
+        }
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let shared = Shared::new(config, shutdown_rx.clone(), ocsp);
+        let shared = Shared::new(config, shutdown_rx.clone(), ocsp, crl.clone());
         let listeners = bind_quic(&shared)?;
         let tls_listeners = bind_tls(&shared)?;
         let quic_addrs = listeners.iter().map(|l| l.local_addr).collect();
@@ -63,6 +79,8 @@ impl Gateway {
             tasks.spawn(listener.run(shared.clone()));
         }
         tasks.spawn(close_on_ocsp_revocation(shared.clone()));
+        tasks.spawn(crl.clone().run_refresh(shutdown_rx.clone()));
+        tasks.spawn(follow_revocation_config(shared.clone()));
         tasks.spawn(refresh_ocsp(shared.clone()));
         let admin_settings = generation.admin.clone();
         let admin = if admin_settings.socket_path.is_some() || admin_settings.tcp_address.is_some()
@@ -171,6 +189,28 @@ async fn close_on_ocsp_revocation(shared: Arc<Shared>) {
     }
 }
 
+/// Hands each new config generation's revocation sources to the store.
+async fn follow_revocation_config(shared: Arc<Shared>) {
+    let mut generations = shared.config.subscribe();
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        tokio::select! {
+            changed = generations.changed() => if changed.is_err() { return },
+            _ = shutdown.changed() => return,
+        }
+        let generation = shared.config.current();
+        if let Err(e) = shared.crl.reconfigure(generation.revocation.clone()) {
+            tracing::error!(error = %e, "revocation sources of the new configuration rejected; the previous sources stay");
+            continue;
+        }
+        for report in shared.crl.refresh_now(None).await {
+            if let Err(e) = &report.result {
+                tracing::warn!(ca = %report.ca, source = %report.source, error = %e, "CRL not loaded after reload");
+            }
+        }
+    }
+}
+
 /// Asks OCSP again, before they expire, about answers cached for live sessions.
 async fn refresh_ocsp(shared: Arc<Shared>) {
     let mut shutdown = shared.shutdown.clone();
@@ -239,6 +279,33 @@ impl AdminBackend for GatewayBackend {
             .reason
             .clone()
             .unwrap_or_else(|| "revoked by an operator".into());
+        let now = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        // Without the certificate's notAfter, keep the push for 398 days,
+        // longer than the maximum validity of most certificate profiles.
+        let not_after = push
+            .not_after
+            .map(|t| t as i64)
+            .unwrap_or(now + 398 * 86_400);
+        let target = match &push.target {
+            RevocationTarget::IssuerSerial {
+                issuer_sha256,
+                serial_hex,
+            } => PushTarget::IssuerSerial {
+                issuer_sha256: issuer_sha256.clone(),
+                serial_hex: serial_hex.clone(),
+            },
+            RevocationTarget::CertSha256(h) => PushTarget::CertSha256 { sha256: h.clone() },
+            RevocationTarget::SpkiSha256(h) => PushTarget::SpkiSha256 { sha256: h.clone() },
+        };
+        self.shared.crl.push(PushedRevocation {
+            target,
+            not_after_unix: not_after,
+            reason: Some(reason.clone()),
+            pushed_at_unix: now,
+        })?;
         let closed = self.shared.registry.close_matching(
             &selector,
             CloseRequest::new(
@@ -282,9 +349,25 @@ impl AdminBackend for GatewayBackend {
     }
 
     fn readiness(&self) -> Readiness {
+        let now = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let sources: Vec<RevocationSourceStatus> = self
+            .shared
+            .crl
+            .source_ages(now)
+            .into_iter()
+            .map(|s| RevocationSourceStatus {
+                name: format!("{}: {}", s.ca, s.source),
+                age_secs: s.loaded_at.map(|t| now.saturating_sub(t).max(0) as u64),
+                stale: s.stale,
+                last_error: s.last_error,
+            })
+            .collect();
         Readiness {
-            ready: true,
-            revocation_sources: Vec::<RevocationSourceStatus>::new(),
+            ready: sources.iter().all(|s| !s.stale),
+            revocation_sources: sources,
         }
     }
 }

@@ -224,3 +224,224 @@ async fn admin_push_closes_live_tunnel() {
     let echoed = recv.read_to_end(64).await.expect("echo");
     assert_eq!(echoed, b"still here");
 }
+
+/// Serializes `openssl ca` runs, which rewrite the CA database files.
+fn openssl_ca(args: &[&str]) {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let pki = revoked_pki();
+    let out = Command::new("openssl")
+        .args(["ca", "-config"])
+        .arg(pki.join("ca/ca.cnf"))
+        .args(["-name", "device_ca"])
+        .args(args)
+        .output()
+        .expect("openssl ca");
+    assert!(
+        out.status.success(),
+        "openssl ca {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Writes the device CA's current CRL, DER, into `dir/device-ca.crl`.
+fn write_crl(dir: &std::path::Path) {
+    let pem = dir.join("device-ca.crl.pem");
+    openssl_ca(&[
+        "-gencrl",
+        "-crlhours",
+        "1",
+        "-out",
+        pem.to_str().expect("path"),
+    ]);
+    let out = Command::new("openssl")
+        .args(["crl", "-in"])
+        .arg(&pem)
+        .args(["-outform", "DER", "-out"])
+        .arg(dir.join("device-ca.crl"))
+        .output()
+        .expect("openssl crl");
+    assert!(out.status.success());
+}
+
+/// A `python3 -m http.server` on loopback serving `dir`, stopped on drop.
+struct CrlServer {
+    child: Child,
+    port: u16,
+}
+
+impl CrlServer {
+    fn start(dir: &std::path::Path) -> CrlServer {
+        let mut child = Command::new("python3")
+            .args(["-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "-d"])
+            .arg(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("http.server");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("serving line");
+        let port = line
+            .split_whitespace()
+            .skip_while(|w| *w != "port")
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {line:?}"));
+        CrlServer { child, port }
+    }
+}
+
+impl Drop for CrlServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn crl_cas(port: u16) -> String {
+    format!(
+        "[[device_ca]]\nname = \"dev-devices\"\ncertificates = [\"{}/device-ca.pem\"]\ncrl_urls = [\"http://127.0.0.1:{port}/device-ca.crl\"]\n",
+        revoked_pki().display()
+    )
+}
+
+fn any_device_app(upstream: SocketAddr) -> App {
+    let mut app = App::wiki(upstream);
+    app.access = "device_cas = [\"dev-devices\"]\nallow_any_device = true".into();
+    app
+}
+
+#[tokio::test]
+async fn crl_refuses_revoked_and_closes_live_tunnel() {
+    let crl_dir = tempfile::tempdir().expect("dir");
+    write_crl(crl_dir.path());
+    let server = CrlServer::start(crl_dir.path());
+    let upstream = echo_server("127.0.0.1:0").await;
+    let (_cfg, config) = write_config_with_cas(
+        "127.0.0.1:0",
+        &[any_device_app(upstream)],
+        &crl_cas(server.port),
+        "",
+    );
+    let gateway = ztgate::gateway::Gateway::start(&config)
+        .await
+        .expect("gateway");
+    let addr = gateway.quic_addrs()[0];
+    // DEV-0002 is on the CRL fetched at start.
+    let revoked = refusal(addr, "DEV-0002", WIKI).await;
+    assert_code(&revoked, Code::CertificateRevoked);
+    // DEV-0003 and DEV-0001 connect; then DEV-0003 is revoked and the CRL
+    // fetched again: its tunnel closes, DEV-0001's keeps flowing.
+    let (_c3, mut victim) = connect(addr, "DEV-0003", WIKI).await;
+    let (_c1, bystander) = connect(addr, "DEV-0001", WIKI).await;
+    openssl_ca(&[
+        "-revoke",
+        revoked_pki().join("DEV-0003.pem").to_str().expect("path"),
+        "-crl_reason",
+        "keyCompromise",
+    ]);
+    write_crl(crl_dir.path());
+    let fetched = std::time::Instant::now();
+    let reports = gateway.shared().crl.refresh_now(None).await;
+    assert!(reports.iter().all(|r| r.result.is_ok()), "{reports:?}");
+    let ending = tokio::time::timeout(Duration::from_secs(5), victim.ended())
+        .await
+        .expect("closed within 5 s");
+    assert_code(&ending, Code::CertificateRevoked);
+    assert!(fetched.elapsed() < Duration::from_secs(5));
+    let (mut send, mut recv) = bystander.open_stream().await.expect("open");
+    send.write_all(b"flowing").await.expect("write");
+    send.finish().expect("finish");
+    assert_eq!(recv.read_to_end(64).await.expect("echo"), b"flowing");
+}
+
+async fn push_cert(socket: &std::path::Path, device: &str) -> serde_json::Value {
+    let cert = std::fs::read(pki().join(format!("{device}.pem"))).expect("cert");
+    let der: rustls::pki_types::CertificateDer<'static> =
+        rustls::pki_types::pem::PemObject::from_pem_slice(&cert).expect("pem");
+    let identity = ztgate::identity::extract_identity(&der, None).expect("identity");
+    let body = format!(
+        "{{\"cert_sha256\": \"{}\", \"reason\": \"lost\"}}",
+        identity.cert_sha256
+    );
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--unix-socket"])
+        .arg(socket)
+        .args([
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+            "--data",
+            &body,
+        ])
+        .arg("http://localhost/v1/revocations")
+        .output()
+        .await
+        .expect("curl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+#[tokio::test]
+async fn pushed_revocation_survives_restart() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let state = tempfile::tempdir().expect("state dir");
+    let run = tempfile::tempdir().expect("run dir");
+    let socket = run.path().join("admin.sock");
+    let extra = format!("[admin]\nsocket_path = \"{}\"\n", socket.display());
+    let (_cfg, config) = write_config_with(
+        "127.0.0.1:0",
+        &[App::wiki(upstream)],
+        &format!("state_dir = \"{}\"", state.path().display()),
+        &extra,
+    );
+    let first = ztgate::gateway::Gateway::start(&config)
+        .await
+        .expect("gateway");
+    push_cert(&socket, "DEV-0001").await;
+    let refused = refusal(first.quic_addrs()[0], "DEV-0001", WIKI).await;
+    assert_code(&refused, Code::CertificateRevoked);
+    first.shutdown().await;
+    assert!(state.path().join("pushed-revocations.json").exists());
+    let second = ztgate::gateway::Gateway::start(&config)
+        .await
+        .expect("restarted gateway");
+    let refused = refusal(second.quic_addrs()[0], "DEV-0001", WIKI).await;
+    assert_code(&refused, Code::CertificateRevoked);
+    second.shutdown().await;
+}
+
+#[tokio::test]
+async fn resumption_does_not_bypass_revocation() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let run = tempfile::tempdir().expect("run dir");
+    let socket = run.path().join("admin.sock");
+    let gw = TestGateway::start(
+        "127.0.0.1:0",
+        &[any_device_app(upstream)],
+        &format!("[admin]\nsocket_path = \"{}\"\n", socket.display()),
+    )
+    .await;
+    let client = device_client(gw.addr(), "DEV-0001", WIKI);
+    let first = client
+        .connect(Duration::from_secs(10))
+        .await
+        .expect("first admitted");
+    let (mut send, mut recv) = first.open_stream().await.expect("open");
+    send.write_all(b"x").await.expect("write");
+    send.finish().expect("finish");
+    recv.read_to_end(8).await.expect("echo");
+    push_cert(&socket, "DEV-0001").await;
+    let ending = match client.connect(Duration::from_secs(10)).await {
+        Ok(_) => panic!("a revoked device must not get back in by resuming"),
+        Err(e) => e,
+    };
+    assert_code(&ending, Code::CertificateRevoked);
+}

@@ -36,6 +36,8 @@ pub struct AdmissionRequest<'a> {
     pub ocsp: Option<&'a crate::identity::ocsp::OcspChecker>,
     /// Posture attributes pushed for devices.
     pub posture: Option<&'a crate::policy::PostureStore>,
+    /// CRLs and pushed revocations.
+    pub crl: Option<&'a crate::identity::revocation::RevocationStore>,
 }
 
 /// When a session must next be looked at.
@@ -130,6 +132,7 @@ pub async fn admit(
         return Err(r);
     };
 
+    check_crl(req, leaf, &verified, now_unix, &application.name)?;
     check_ocsp(req, leaf, &verified, &application).await?;
 
     let identity =
@@ -337,6 +340,59 @@ async fn check_ocsp(
             r.device = Some(format!("{} serial {}", summary.subject, summary.serial_hex));
             r.application = Some(application.name.clone());
             r.rule = Some("ocsp".into());
+            Err(r)
+        }
+    }
+}
+
+/// Checks the chain against the CRLs and pushed revocations in memory, and
+/// remembers the leaf's CRL distribution points for the refresher.
+fn check_crl(
+    req: &AdmissionRequest<'_>,
+    leaf: &CertificateDer<'_>,
+    verified: &crate::identity::VerifiedChain,
+    now_unix: i64,
+    application: &str,
+) -> Result<(), Refused> {
+    use crate::identity::revocation::RevocationOutcome;
+    let Some(store) = req.crl else {
+        return Ok(());
+    };
+    let mut chain: Vec<CertificateDer<'_>> = Vec::with_capacity(1 + verified.path.len());
+    chain.push(CertificateDer::from(leaf.as_ref()));
+    chain.extend(
+        verified
+            .path
+            .iter()
+            .map(|c| CertificateDer::from(c.as_ref())),
+    );
+    let verdict = store.check(&verified.ca_name, &chain, now_unix);
+    let outcome = if req.session_started.is_some() {
+        verdict.for_live_session()
+    } else {
+        if let Ok(urls) = crate::identity::crl::distribution_point_uris(leaf) {
+            if !urls.is_empty() {
+                store.learn_distribution_points(&verified.ca_name, &urls);
+            }
+        }
+        verdict.for_admission()
+    };
+    match outcome {
+        RevocationOutcome::Admit { .. } => Ok(()),
+        RevocationOutcome::Refuse {
+            reason_label,
+            message,
+        } => {
+            let code = if reason_label == "certificate-revoked" {
+                Code::CertificateRevoked
+            } else {
+                Code::RevocationUnknown
+            };
+            let summary = crate::identity::summarize_certificate(leaf);
+            let mut r = Refused::new(code, message);
+            r.device = Some(format!("{} serial {}", summary.subject, summary.serial_hex));
+            r.application = Some(application.to_string());
+            r.rule = Some(format!("crl:{reason_label}"));
             Err(r)
         }
     }

@@ -121,6 +121,8 @@ pub struct Generation {
     pub admin: crate::admin::AdminSettings,
     pub metrics_listen: Option<SocketAddr>,
     pub state_dir: Option<PathBuf>,
+    /// Revocation sources and rules of each device CA.
+    pub revocation: Vec<crate::identity::revocation::CaRevocationConfig>,
 }
 
 impl std::fmt::Debug for Generation {

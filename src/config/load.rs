@@ -678,6 +678,7 @@ fn build(
             },
         },
         state_dir: raw.gateway.state_dir.as_deref().map(|d| resolve(base, d)),
+        revocation: revocation_configs(c, base, &raw.device_cas, &cas)?,
         audit: match raw.log.audit.as_str() {
             "stderr" => crate::telemetry::AuditSink::Stderr,
             "off" => crate::telemetry::AuditSink::Off,
@@ -1025,4 +1026,92 @@ fn admin_settings(
         }
     }
     Some(settings)
+}
+
+fn revocation_configs(
+    c: &mut Collector,
+    base: &Path,
+    raw: &[super::schema::RawDeviceCa],
+    cas: &[DeviceCa],
+) -> Option<Vec<crate::identity::revocation::CaRevocationConfig>> {
+    use crate::identity::revocation::{
+        CaRevocationConfig, Depth, NoCrlPolicy, RevocationSettings, StalePolicy,
+    };
+    let mut out = Vec::new();
+    let errors_before = c.errors.len();
+    for (i, (raw, ca)) in raw.iter().zip(cas).enumerate() {
+        let key = |field: &str| format!("device_ca[{i}].{field}");
+        let mut settings = RevocationSettings::default();
+        let has_sources = !raw.crl_files.is_empty() || !raw.crl_urls.is_empty();
+        settings.depth = match raw.revocation_depth.as_deref() {
+            None | Some("end-entity") => Depth::EndEntity,
+            Some("chain") => Depth::Chain,
+            Some(other) => {
+                c.push(
+                    key("revocation_depth"),
+                    format!("{other:?} is not \"end-entity\" or \"chain\""),
+                );
+                Depth::EndEntity
+            }
+        };
+        settings.on_stale = match raw.on_stale.as_deref() {
+            None | Some("refuse") => StalePolicy::Refuse,
+            Some("admit") => StalePolicy::Admit,
+            Some(other) => {
+                c.push(
+                    key("on_stale"),
+                    format!("{other:?} is not \"refuse\" or \"admit\""),
+                );
+                StalePolicy::Refuse
+            }
+        };
+        settings.without_crl = match raw.without_crl.as_deref() {
+            None if has_sources => NoCrlPolicy::Refuse,
+            None => NoCrlPolicy::Admit,
+            Some("refuse") => NoCrlPolicy::Refuse,
+            Some("admit") => NoCrlPolicy::Admit,
+            Some(other) => {
+                c.push(
+                    key("without_crl"),
+                    format!("{other:?} is not \"refuse\" or \"admit\""),
+                );
+                NoCrlPolicy::Refuse
+            }
+        };
+        if let Some(v) = raw.stale_grace_secs {
+            settings.stale_grace = Duration::from_secs(v);
+        }
+        if let Some(v) = raw.stale_closes_sessions {
+            settings.stale_closes_sessions = v;
+        }
+        if let Some(v) = raw.crl_refresh_interval_secs {
+            settings.refresh_interval = Duration::from_secs(v.max(1));
+        }
+        if let Some(v) = raw.crl_fetch_timeout_ms {
+            settings.fetch_timeout = Duration::from_millis(v.max(1));
+        }
+        if let Some(v) = raw.max_crl_bytes {
+            settings.max_crl_bytes = v;
+        }
+        if let Some(v) = raw.clock_skew_secs {
+            settings.clock_skew = Duration::from_secs(v);
+        }
+        if let Some(v) = raw.learn_distribution_points {
+            settings.learn_distribution_points = v;
+        }
+        for (j, url) in raw.crl_urls.iter().enumerate() {
+            if let Err(e) = crate::identity::http_fetch::check_url(url) {
+                c.push(format!("device_ca[{i}].crl_urls[{j}]"), e.to_string());
+            }
+        }
+        out.push(CaRevocationConfig {
+            name: ca.name.clone(),
+            anchors: ca.anchors.clone(),
+            intermediates: ca.intermediates.clone(),
+            crl_files: raw.crl_files.iter().map(|f| resolve(base, f)).collect(),
+            crl_urls: raw.crl_urls.clone(),
+            settings,
+        });
+    }
+    (c.errors.len() == errors_before).then_some(out)
 }

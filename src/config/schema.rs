@@ -210,6 +210,39 @@ pub struct RawDeviceCa {
     /// PEM files with intermediates the gateway adds to what clients send.
     #[serde(default)]
     pub intermediates: Vec<String>,
+    /// CRL files (PEM or DER) of this CA.
+    #[serde(default)]
+    pub crl_files: Vec<String>,
+    /// CRL URLs (http:// only) of this CA.
+    #[serde(default)]
+    pub crl_urls: Vec<String>,
+    /// Also fetch the CRL distribution points named in verified device certificates.
+    #[serde(default)]
+    pub learn_distribution_points: Option<bool>,
+    /// "end-entity" (the default) or "chain".
+    #[serde(default)]
+    pub revocation_depth: Option<String>,
+    /// "refuse" (the default) or "admit" new connections when the CRL is
+    /// past nextUpdate beyond `stale_grace_secs`.
+    #[serde(default)]
+    pub on_stale: Option<String>,
+    #[serde(default)]
+    pub stale_grace_secs: Option<u64>,
+    /// Close live sessions too when the CRL goes stale (with on_stale = "refuse").
+    #[serde(default)]
+    pub stale_closes_sessions: Option<bool>,
+    /// "admit" or "refuse" devices while no CRL of the CA is loaded. The
+    /// default is "refuse" when the CA has CRL sources and "admit" when it has none.
+    #[serde(default)]
+    pub without_crl: Option<String>,
+    #[serde(default)]
+    pub crl_refresh_interval_secs: Option<u64>,
+    #[serde(default)]
+    pub crl_fetch_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub max_crl_bytes: Option<u64>,
+    #[serde(default)]
+    pub clock_skew_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

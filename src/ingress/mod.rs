@@ -57,6 +57,8 @@ pub struct Shared {
     pub ocsp: crate::identity::ocsp::OcspChecker,
     /// Posture attributes pushed through the admin API.
     pub posture: Arc<crate::policy::PostureStore>,
+    /// CRLs and pushed revocations, kept across reloads.
+    pub crl: Arc<crate::identity::revocation::RevocationStore>,
 }
 
 impl Shared {
@@ -64,9 +66,11 @@ impl Shared {
         config: Arc<ConfigHandle>,
         shutdown: watch::Receiver<bool>,
         ocsp: crate::identity::ocsp::OcspChecker,
+        crl: Arc<crate::identity::revocation::RevocationStore>,
     ) -> Arc<Shared> {
         Arc::new(Shared {
             ocsp,
+            crl,
             posture: Arc::new(crate::policy::PostureStore::default()),
             config,
             registry: Registry::new(),

@@ -316,6 +316,7 @@ async fn run_admitted(
         previous: None,
         ocsp: Some(&shared.ocsp),
         posture: Some(&shared.posture),
+        crl: Some(&shared.crl),
     };
     let admitted = match admission::admit(&generation, &request).await {
         Ok(a) => a,
@@ -415,6 +416,7 @@ async fn run_admitted(
         policy_outage_since: None,
         ocsp: Some(shared.ocsp.clone()),
         posture: Some(shared.posture.clone()),
+        crl: Some(shared.crl.clone()),
         reevaluate: guard.entry.reevaluate.clone(),
         entry: guard.entry.clone(),
     };

@@ -52,6 +52,7 @@ pub struct SessionState {
     pub policy_outage_since: Option<Instant>,
     pub ocsp: Option<crate::identity::ocsp::OcspChecker>,
     pub posture: Option<Arc<crate::policy::PostureStore>>,
+    pub crl: Option<Arc<crate::identity::revocation::RevocationStore>>,
     /// Notified when something outside the session (a posture push) asks
     /// for an evaluation now.
     pub reevaluate: Arc<tokio::sync::Notify>,
@@ -75,6 +76,14 @@ pub async fn supervise(
     let mut generations = config.subscribe();
     generations.mark_unchanged();
     let mut addresses_open = true;
+    let (mut crl_changes, mut crl_open) = match &state.crl {
+        Some(store) => {
+            let mut rx = store.subscribe();
+            rx.mark_unchanged();
+            (rx, true)
+        }
+        None => (tokio::sync::watch::channel(0u64).1, false),
+    };
     loop {
         if let Some(request) = close.borrow_and_update().clone() {
             return request;
@@ -98,6 +107,15 @@ pub async fn supervise(
             changed = shutdown.changed() => {
                 if changed.is_err() {
                     return CloseRequest::new(Code::GoingAway, "the gateway is shutting down");
+                }
+            }
+            changed = crl_changes.changed(), if crl_open => {
+                if changed.is_err() {
+                    crl_open = false;
+                    continue;
+                }
+                if let Some(request) = recheck_revocation(state) {
+                    return request;
                 }
             }
             _ = state.reevaluate.notified() => {
@@ -159,6 +177,7 @@ async fn reevaluate(
         previous: Some(state.admitted.decision.outcome()),
         ocsp: state.ocsp.as_ref(),
         posture: state.posture.as_deref(),
+        crl: state.crl.as_deref(),
     };
     let outcome = admission::admit(&generation, &request).await;
     state.entry.evaluations.fetch_add(1, Ordering::Relaxed);
@@ -215,6 +234,34 @@ async fn reevaluate(
                 reason: refusal.reason,
                 remediation: refusal.remediation,
             })
+        }
+    }
+}
+
+/// Checks the session's chain against changed revocation data, without a
+/// full re-evaluation. Missing data never closes a live session, and stale
+/// data only when the CA is configured so.
+fn recheck_revocation(state: &SessionState) -> Option<CloseRequest> {
+    use crate::identity::revocation::RevocationOutcome;
+    let store = state.crl.as_ref()?;
+    let now = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let verdict = store.check(&state.admitted.ca_name, &state.chain, now);
+    match verdict.for_live_session() {
+        RevocationOutcome::Admit { .. } => None,
+        RevocationOutcome::Refuse {
+            reason_label,
+            message,
+        } => {
+            let code = if reason_label == "certificate-revoked" {
+                Code::CertificateRevoked
+            } else {
+                Code::RevocationUnknown
+            };
+            tracing::info!(reason = reason_label, detail = %message, "revocation data changed; closing the session");
+            Some(CloseRequest::new(code, message))
         }
     }
 }
