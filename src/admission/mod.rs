@@ -132,7 +132,9 @@ pub async fn admit(
         return Err(r);
     };
 
-    check_crl(req, leaf, &verified, now_unix, &application.name)?;
+    if let Some(refused) = check_crl(req, leaf, &verified, now_unix, &application.name) {
+        return Err(refused);
+    }
     check_ocsp(req, leaf, &verified, &application).await?;
 
     let identity =
@@ -346,18 +348,17 @@ async fn check_ocsp(
 }
 
 /// Checks the chain against the CRLs and pushed revocations in memory, and
-/// remembers the leaf's CRL distribution points for the refresher.
+/// remembers the leaf's CRL distribution points for the refresher. Returns
+/// the refusal when the chain must not be admitted.
 fn check_crl(
     req: &AdmissionRequest<'_>,
     leaf: &CertificateDer<'_>,
     verified: &crate::identity::VerifiedChain,
     now_unix: i64,
     application: &str,
-) -> Result<(), Refused> {
+) -> Option<Refused> {
     use crate::identity::revocation::RevocationOutcome;
-    let Some(store) = req.crl else {
-        return Ok(());
-    };
+    let store = req.crl?;
     let mut chain: Vec<CertificateDer<'_>> = Vec::with_capacity(1 + verified.path.len());
     chain.push(CertificateDer::from(leaf.as_ref()));
     chain.extend(
@@ -378,7 +379,7 @@ fn check_crl(
         verdict.for_admission()
     };
     match outcome {
-        RevocationOutcome::Admit { .. } => Ok(()),
+        RevocationOutcome::Admit { .. } => None,
         RevocationOutcome::Refuse {
             reason_label,
             message,
@@ -393,7 +394,7 @@ fn check_crl(
             r.device = Some(format!("{} serial {}", summary.subject, summary.serial_hex));
             r.application = Some(application.to_string());
             r.rule = Some(format!("crl:{reason_label}"));
-            Err(r)
+            Some(r)
         }
     }
 }
