@@ -70,6 +70,7 @@ pids+=($!)
 cat >"$work/ztgate.toml" <<TOML
 [gateway]
 listen = ["127.0.0.1:0"]
+listen_tls = ["127.0.0.1:0"]
 certificate = "$work/pki/gateway-chain.pem"
 private_key = "$work/pki/gateway.key"
 [log]
@@ -91,6 +92,7 @@ TOML
 serve_pid=$!
 pids+=("$serve_pid")
 gateway=$(wait_line "$work/serve.out" "ztgate: listening quic ")
+gateway_tls=$(wait_line "$work/serve.out" "ztgate: listening tls ")
 
 "$bin" connect --gateway "$gateway" --app iperf.apps.example.test --listen 127.0.0.1:0 \
   --cert "$work/pki/DEV-0001-chain.pem" --key "$work/pki/DEV-0001.key" --ca "$work/pki/root-ca.pem" \
@@ -98,6 +100,13 @@ gateway=$(wait_line "$work/serve.out" "ztgate: listening quic ")
 pids+=($!)
 tunnel=$(wait_line "$work/connect.err" "listening on ")
 tunnel_port=${tunnel##*:}
+
+"$bin" connect --transport tls --gateway "$gateway" --gateway-tls "$gateway_tls" --app iperf.apps.example.test \
+  --listen 127.0.0.1:0 --cert "$work/pki/DEV-0001-chain.pem" --key "$work/pki/DEV-0001.key" \
+  --ca "$work/pki/root-ca.pem" 2>"$work/connect-tls.err" &
+pids+=($!)
+tls_tunnel=$(wait_line "$work/connect-tls.err" "listening on ")
+tls_port=${tls_tunnel##*:}
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 ticks_per_sec=$(getconf CLK_TCK)
@@ -113,7 +122,7 @@ print(f'{s["bits_per_second"]:.0f} {s["bytes"]}')
 PY
 }
 
-declare -a direct=() quic=() quic_cpu=()
+declare -a direct=() quic=() quic_cpu=() tls=() tls_cpu=()
 for i in $(seq 1 "$runs"); do
   read -r bps _ < <(run_iperf "$iperf_port")
   direct+=("$bps")
@@ -122,24 +131,32 @@ for i in $(seq 1 "$runs"); do
   after=$(cpu_ticks "$serve_pid")
   quic+=("$bps")
   quic_cpu+=("$(python3 -c "print(($after-$before)/$ticks_per_sec/($bytes/2**30))")")
-  echo "run $i: direct ${direct[-1]} bit/s, ztgate quic ${quic[-1]} bit/s" >&2
+  before=$(cpu_ticks "$serve_pid")
+  read -r bps bytes < <(run_iperf "$tls_port")
+  after=$(cpu_ticks "$serve_pid")
+  tls+=("$bps")
+  tls_cpu+=("$(python3 -c "print(($after-$before)/$ticks_per_sec/($bytes/2**30))")")
+  echo "run $i: direct ${direct[-1]} bit/s, ztgate quic ${quic[-1]} bit/s, ztgate tls ${tls[-1]} bit/s" >&2
 done
 
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 d=$(median "${direct[@]}")
 q=$(median "${quic[@]}")
 c=$(median "${quic_cpu[@]}")
+t=$(median "${tls[@]}")
+tc=$(median "${tls_cpu[@]}")
 
 latency=$(cargo bench --quiet --bench connect -- 200 2>/dev/null | grep 'connect to admitted' || true)
 
 echo
 echo "| setup | Gbit/s (median of $runs x ${seconds}s) | ratio to direct | gateway CPU s per GiB |"
 echo "| --- | --- | --- | --- |"
-python3 - "$d" "$q" "$c" <<'PY'
+python3 - "$d" "$q" "$c" "$t" "$tc" <<'PY'
 import sys
-d, q, c = (float(x) for x in sys.argv[1:])
+d, q, c, t, tc = (float(x) for x in sys.argv[1:])
 print(f"| direct TCP | {d/1e9:.2f} | 1.00 | - |")
 print(f"| ztgate QUIC tunnel, 1 stream | {q/1e9:.2f} | {q/d:.2f} | {c:.2f} |")
+print(f"| ztgate TLS-over-TCP tunnel, 1 stream | {t/1e9:.2f} | {t/d:.2f} | {tc:.2f} |")
 PY
 echo
 echo "$latency"
