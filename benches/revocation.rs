@@ -283,6 +283,47 @@ allow_any_device = true
             .connect(Duration::from_secs(5))
             .await
             .is_err());
+
+        // Admission CPU time per connection, with the revocation store
+        // (a loaded CRL, answered from memory) and without it. The chain is
+        // what a client sends; admission re-verifies it, checks revocation,
+        // reads the identity and asks the built-in policy.
+        let generation = gateway.shared().config.current();
+        let chain: Vec<rustls::pki_types::CertificateDer<'static>> =
+            rustls::pki_types::pem::PemObject::pem_file_iter(pki.join("DEV-0003-chain.pem"))
+                .expect("chain")
+                .map(|c| c.expect("pem"))
+                .collect();
+        let rounds = 20_000u32;
+        for (label, with_crl) in [
+            ("admission without revocation", false),
+            ("admission with CRL in memory", true),
+        ] {
+            let request = ztgate::admission::AdmissionRequest {
+                chain: &chain,
+                server_name: Some("wiki.apps.example.test"),
+                client: "127.0.0.1:40000".parse().expect("addr"),
+                path_changes: 0,
+                previous_address: None,
+                transport: ztgate::policy::Transport::Quic,
+                now: SystemTime::now(),
+                session_started: None,
+                previous: None,
+                ocsp: None,
+                posture: None,
+                crl: with_crl.then(|| &*gateway.shared().crl),
+            };
+            let start = Instant::now();
+            for _ in 0..rounds {
+                let admitted = ztgate::admission::admit(&generation, &request).await;
+                std::hint::black_box(admitted.is_ok());
+            }
+            let per = start.elapsed() / rounds;
+            println!(
+                "{label:<40} {:>8.1} us per connection ({rounds} rounds, one thread)",
+                per.as_secs_f64() * 1e6
+            );
+        }
         gateway.shutdown().await;
     });
     let _ = server.kill();
