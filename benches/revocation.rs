@@ -312,6 +312,7 @@ allow_any_device = true
                 ocsp: None,
                 posture: None,
                 crl: with_crl.then(|| &*gateway.shared().crl),
+                allow_step_up: false,
             };
             let start = Instant::now();
             for _ in 0..rounds {

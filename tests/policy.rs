@@ -563,3 +563,177 @@ async fn posture_push_satisfies_step_up_and_downgrade_closes() {
         .expect("closed");
     assert_refused(&ending, Code::PolicyDenied, "non-compliant");
 }
+
+const STEP_UP_POLICY: &str = r#"package ztgate
+
+import rego.v1
+
+decision := {
+	"outcome": "step_up",
+	"rule": "test-step-up",
+	"reason": "confirm it is you",
+	"challenge": "https://idp.example.test/mfa",
+	"grace_secs": 2,
+} if {
+	input.session.posture.mode == "step"
+} else := {"outcome": "allow", "rule": "test-allow", "lifetime_secs": 300}
+"#;
+
+async fn step_up_gateway(dir: &Path, upstream: SocketAddr) -> (TestGateway, PathBuf) {
+    let policy = dir.join("step-up.rego");
+    std::fs::write(&policy, STEP_UP_POLICY).expect("write policy");
+    let socket = dir.join("admin.sock");
+    let section = format!(
+        "[policy]\nengine = \"rego\"\nrego_files = [\"{}\"]\n[admin]\nsocket_path = \"{}\"\n",
+        policy.display(),
+        socket.display()
+    );
+    let gw = TestGateway::start("127.0.0.1:0", &[app("wiki", upstream, "low")], &section).await;
+    (gw, socket)
+}
+
+async fn echo(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    payload: &[u8],
+) -> Vec<u8> {
+    send.write_all(payload).await.expect("write");
+    let mut buf = vec![0u8; payload.len()];
+    tokio::time::timeout(Duration::from_secs(10), recv.read_exact(&mut buf))
+        .await
+        .expect("echo within 10 s")
+        .expect("read");
+    buf
+}
+
+#[tokio::test]
+async fn step_up_holds_new_streams_until_satisfied() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let dir = tempfile::tempdir().expect("dir");
+    let (gw, socket) = step_up_gateway(dir.path(), upstream).await;
+    let device = "spiffe://example.test/device/DEV-0001";
+    let (_c, tunnel) = connect(gw.addr(), "DEV-0001", "wiki.apps.example.test").await;
+    let (mut open_send, mut open_recv) = tunnel.open_stream().await.expect("open");
+    assert_eq!(
+        echo(&mut open_send, &mut open_recv, b"before").await,
+        b"before"
+    );
+
+    push_posture(&socket, device, serde_json::json!({"mode": "step"})).await;
+    let (mut held_send, mut held_recv) = tunnel.open_stream().await.expect("open held");
+    held_send.write_all(b"held").await.expect("write held");
+    let mut buf = [0u8; 4];
+    let early =
+        tokio::time::timeout(Duration::from_millis(400), held_recv.read_exact(&mut buf)).await;
+    assert!(
+        early.is_err(),
+        "a new stream must be held during the step-up"
+    );
+    // The stream opened before keeps flowing.
+    assert_eq!(
+        echo(&mut open_send, &mut open_recv, b"during").await,
+        b"during"
+    );
+
+    push_posture(&socket, device, serde_json::json!({"mode": "done"})).await;
+    tokio::time::timeout(Duration::from_secs(5), held_recv.read_exact(&mut buf))
+        .await
+        .expect("released after the step-up")
+        .expect("read");
+    assert_eq!(&buf, b"held");
+    assert!(tunnel.connection.close_reason().is_none());
+}
+
+#[tokio::test]
+async fn unsatisfied_step_up_resets_held_streams_and_closes() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let dir = tempfile::tempdir().expect("dir");
+    let (gw, socket) = step_up_gateway(dir.path(), upstream).await;
+    let device = "spiffe://example.test/device/DEV-0001";
+    let (_c, mut tunnel) = connect(gw.addr(), "DEV-0001", "wiki.apps.example.test").await;
+    push_posture(&socket, device, serde_json::json!({"mode": "step"})).await;
+    let (mut held_send, mut held_recv) = tunnel.open_stream().await.expect("open held");
+    held_send.write_all(b"never").await.expect("write");
+    let result = tokio::time::timeout(Duration::from_secs(10), held_recv.read_to_end(64))
+        .await
+        .expect("the held stream ends after the grace period");
+    match result {
+        Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code))) => {
+            assert_eq!(code.into_inner(), u64::from(Code::StepUpRequired.value()));
+        }
+        Err(quinn::ReadToEndError::Read(quinn::ReadError::ConnectionLost(_))) => {}
+        other => panic!("expected a step-up reset, got {other:?}"),
+    }
+    let ending = tokio::time::timeout(Duration::from_secs(10), tunnel.ended())
+        .await
+        .expect("closed");
+    assert_refused(&ending, Code::StepUpRequired, "not completed in time");
+}
+
+// Multi-threaded: the test blocks a thread while it reads the client's
+// output, and the in-process gateway must keep answering meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_waits_for_step_up_then_carries_on() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let dir = tempfile::tempdir().expect("dir");
+    let policy = dir.path().join("gate.rego");
+    std::fs::write(
+        &policy,
+        STEP_UP_POLICY.replace(
+            "input.session.posture.mode == \"step\"",
+            "not input.session.posture.mode == \"done\"",
+        ),
+    )
+    .expect("write policy");
+    let socket = dir.path().join("admin.sock");
+    let section = format!(
+        "[policy]\nengine = \"rego\"\nrego_files = [\"{}\"]\n[admin]\nsocket_path = \"{}\"\n",
+        policy.display(),
+        socket.display()
+    );
+    let gw = TestGateway::start("127.0.0.1:0", &[app("wiki", upstream, "low")], &section).await;
+    let pki = pki();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ztgate"));
+    command
+        .args([
+            "connect",
+            "--gateway",
+            &gw.addr().to_string(),
+            "--app",
+            "wiki.apps.example.test",
+        ])
+        .args(["--listen", "127.0.0.1:0", "--max-backoff-secs", "1"])
+        .arg("--cert")
+        .arg(pki.join("DEV-0001-chain.pem"))
+        .arg("--key")
+        .arg(pki.join("DEV-0001.key"))
+        .arg("--ca")
+        .arg(pki.join("root-ca.pem"));
+    let client = Running::spawn(command, true);
+    let waiting = client.wait_for("complete the step-up at ", Duration::from_secs(20));
+    assert!(
+        waiting.starts_with("https://idp.example.test/mfa"),
+        "{waiting}"
+    );
+    assert!(
+        waiting.contains("retrying until the step-up is done"),
+        "{waiting}"
+    );
+    push_posture(
+        &socket,
+        "spiffe://example.test/device/DEV-0001",
+        serde_json::json!({"mode": "done"}),
+    )
+    .await;
+    let local = client.wait_for("listening on ", Duration::from_secs(20));
+    let mut tcp = tokio::net::TcpStream::connect(local.as_str())
+        .await
+        .expect("local port");
+    tcp.write_all(b"after step-up").await.expect("write");
+    let mut buf = [0u8; 13];
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut buf))
+        .await
+        .expect("echo")
+        .expect("read");
+    assert_eq!(&buf, b"after step-up");
+}

@@ -38,6 +38,9 @@ pub struct AdmissionRequest<'a> {
     pub posture: Option<&'a crate::policy::PostureStore>,
     /// CRLs and pushed revocations.
     pub crl: Option<&'a crate::identity::revocation::RevocationStore>,
+    /// A step-up decision admits the session with its new streams held
+    /// (a live QUIC session) instead of refusing it.
+    pub allow_step_up: bool,
 }
 
 /// When a session must next be looked at.
@@ -222,6 +225,20 @@ pub async fn admit(
                 remediation.clone(),
                 rule,
             ))
+        }
+        Decision::StepUp { grace, .. } if req.allow_step_up => {
+            let grace = *grace;
+            return Ok(Admitted {
+                identity,
+                ca_name: verified.ca_name,
+                application,
+                decision,
+                deadline: Some(Deadline {
+                    at: Instant::now() + grace,
+                    reevaluate: true,
+                    reason: "the step-up grace period ended".into(),
+                }),
+            });
         }
         Decision::StepUp {
             reason,

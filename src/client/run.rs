@@ -180,11 +180,26 @@ pub async fn run_connect(options: ConnectOptions) -> Result<(), String> {
                 let ending = tunnel.ended().await;
                 route_tx.send_replace(None);
                 match ending {
+                    Ending::Refused {
+                        code: Some(Code::StepUpRequired),
+                        message,
+                    } => say(&format!(
+                        "{message}; waiting for the step-up, then reconnecting"
+                    )),
                     Ending::Refused { message, .. } => return Err(message),
                     Ending::Transient(message) => {
                         say(&format!("tunnel ended: {message}; reconnecting"))
                     }
                 }
+            }
+            Err(Ending::Refused {
+                code: Some(Code::StepUpRequired),
+                message,
+            }) => {
+                // The user completes the step-up at the link; keep trying
+                // without a restart, at most every few seconds.
+                say(&format!("{message}; retrying until the step-up is done"));
+                backoff = backoff.min(Duration::from_secs(5));
             }
             Err(Ending::Refused { message, .. }) => return Err(message),
             Err(Ending::Transient(message)) => match &dialer {

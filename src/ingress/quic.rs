@@ -11,7 +11,7 @@ use crate::config::Generation;
 use crate::forward::{pump, PumpEnd, ResetCodes};
 use crate::policy::Transport;
 use crate::protocol::{self, Admitted as AdmittedMsg, Code, ControlMessage, Refusal};
-use crate::session::{supervise, SessionState};
+use crate::session::{supervise, SessionState, StreamGate};
 use crate::telemetry::metrics;
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::pki_types::CertificateDer;
@@ -317,6 +317,7 @@ async fn run_admitted(
         ocsp: Some(&shared.ocsp),
         posture: Some(&shared.posture),
         crl: Some(&shared.crl),
+        allow_step_up: false,
     };
     let admitted = match admission::admit(&generation, &request).await {
         Ok(a) => a,
@@ -403,6 +404,8 @@ async fn run_admitted(
     debug!(rule = admitted.decision.rule(), resumed, ca = %admitted.ca_name, "connection admitted");
 
     let application = Arc::new(arc_swap::ArcSwap::new(admitted.application.clone()));
+    let (gate_tx, gate_rx) = watch::channel(StreamGate::Open);
+    let (message_tx, mut message_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut state = SessionState {
         chain,
         server_name: sni,
@@ -419,6 +422,11 @@ async fn run_admitted(
         crl: Some(shared.crl.clone()),
         reevaluate: guard.entry.reevaluate.clone(),
         entry: guard.entry.clone(),
+        step_up: Some(crate::session::StepUpControl {
+            gate: gate_tx.clone(),
+            messages: message_tx,
+            since: None,
+        }),
     };
     let mut close_rx = guard.close.clone();
     let mut shutdown = shared.shutdown.clone();
@@ -428,14 +436,31 @@ async fn run_admitted(
         shared.clone(),
         guard.entry.clone(),
         application,
+        gate_rx,
     );
     let path = track_path(&connection, &shared, &guard.entry, address_tx);
-    tokio::pin!(streams, path);
-    let ending = tokio::select! {
-        request = supervise(&mut state, &shared.config, &mut close_rx, &mut shutdown, &mut address_rx) => Some(request),
-        _ = &mut streams => None,
-        _ = &mut path => None,
+    let supervision = supervise(
+        &mut state,
+        &shared.config,
+        &mut close_rx,
+        &mut shutdown,
+        &mut address_rx,
+    );
+    tokio::pin!(streams, path, supervision);
+    let ending = loop {
+        tokio::select! {
+            request = &mut supervision => break Some(request),
+            _ = &mut streams => break None,
+            _ = &mut path => break None,
+            Some(message) = message_rx.recv() => {
+                if let Err(e) = control.send(&message).await {
+                    debug!(error = %e, "cannot send a control message");
+                }
+            }
+        }
     };
+    // Held streams are reset with the step-up code (or stop waiting) now.
+    gate_tx.send_replace(StreamGate::Closed);
     let entry = &guard.entry;
     let up = entry.bytes_to_upstream.load(Ordering::Relaxed);
     let down = entry.bytes_to_client.load(Ordering::Relaxed);
@@ -538,7 +563,9 @@ async fn accept_streams(
     shared: Arc<Shared>,
     entry: Arc<crate::session::SessionEntry>,
     application: Arc<arc_swap::ArcSwap<crate::config::Application>>,
+    gate: watch::Receiver<StreamGate>,
 ) {
+    let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         let (send, recv) = match connection.accept_bi().await {
             Ok(s) => s,
@@ -546,23 +573,59 @@ async fn accept_streams(
         };
         shared.stats.streams.fetch_add(1, Ordering::Relaxed);
         let entry = entry.clone();
-        let application = application.load_full();
+        let application = application.clone();
         let buffer = shared.config.current().limits.copy_buffer_bytes;
+        let gate = gate.clone();
+        let held = held.clone();
         tokio::spawn(
             async move {
-                forward_stream(send, recv, &application, &entry, buffer).await;
+                forward_stream(send, recv, &application, &entry, buffer, gate, &held).await;
             }
             .in_current_span(),
         );
     }
 }
 
+/// Most streams one session may hold while a step-up is pending. Each held
+/// stream buffers at most `limits.stream_receive_window` bytes, because the
+/// gateway reads nothing past its preamble until the stream is released.
+const MAX_HELD_STREAMS: usize = 16;
+
+/// Waits while a step-up holds new streams. Returns false when the stream
+/// must be reset instead (too many held, or the session ended).
+async fn wait_for_gate(
+    gate: &mut watch::Receiver<StreamGate>,
+    held: &std::sync::atomic::AtomicUsize,
+    stream_id: u64,
+) -> Result<(), Code> {
+    if *gate.borrow_and_update() == StreamGate::Open {
+        return Ok(());
+    }
+    if held.fetch_add(1, Ordering::Relaxed) >= MAX_HELD_STREAMS {
+        held.fetch_sub(1, Ordering::Relaxed);
+        debug!(stream = stream_id, "too many held streams; stream refused");
+        return Err(Code::StreamRefused);
+    }
+    debug!(
+        stream = stream_id,
+        "stream held until the step-up completes"
+    );
+    let outcome = gate.wait_for(|g| *g != StreamGate::Held).await.map(|g| *g);
+    held.fetch_sub(1, Ordering::Relaxed);
+    match outcome {
+        Ok(StreamGate::Open) => Ok(()),
+        _ => Err(Code::StepUpRequired),
+    }
+}
+
 async fn forward_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    application: &crate::config::Application,
+    application: &arc_swap::ArcSwap<crate::config::Application>,
     entry: &crate::session::SessionEntry,
     buffer: usize,
+    mut gate: watch::Receiver<StreamGate>,
+    held: &std::sync::atomic::AtomicUsize,
 ) {
     let stream_id = send.id().index();
     let mut preamble = [0u8; protocol::PREAMBLE_LEN];
@@ -578,6 +641,13 @@ async fn forward_stream(
         let _ = recv.stop(Code::ProtocolViolation.into());
         return;
     }
+    if let Err(code) = wait_for_gate(&mut gate, held, stream_id).await {
+        let _ = send.reset(code.into());
+        let _ = recv.stop(code.into());
+        return;
+    }
+    let application = application.load_full();
+    let application = &*application;
     let started = Instant::now();
     metrics::stream_opened(&application.name);
     let tcp = match application.upstream.connect().await {

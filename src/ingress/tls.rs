@@ -285,6 +285,7 @@ async fn run_admitted(
         ocsp: Some(&shared.ocsp),
         posture: Some(&shared.posture),
         crl: Some(&shared.crl),
+        allow_step_up: false,
     };
     let admitted = match admission::admit(&generation, &request).await {
         Ok(a) => a,
@@ -354,6 +355,9 @@ async fn run_admitted(
         crl: Some(shared.crl.clone()),
         reevaluate: guard.entry.reevaluate.clone(),
         entry: guard.entry.clone(),
+        // One TCP connection is one tunnel, already dialled: a step-up
+        // closes the session.
+        step_up: None,
     };
     let mut close_rx = guard.close.clone();
     let mut shutdown = shared.shutdown.clone();

@@ -6,4 +6,4 @@ mod registry;
 mod supervisor;
 
 pub use registry::{Registry, Selector, SessionEntry, SessionGuard, SourceGuard};
-pub use supervisor::{supervise, CloseRequest, SessionState};
+pub use supervisor::{supervise, CloseRequest, SessionState, StepUpControl, StreamGate};

@@ -32,6 +32,25 @@ impl CloseRequest {
     }
 }
 
+/// Whether new streams of a session may reach the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamGate {
+    Open,
+    /// A step-up is pending: new streams wait.
+    Held,
+    /// The session is ending: waiting streams are reset.
+    Closed,
+}
+
+/// The session side of a step-up: the gate new streams wait on, and the
+/// channel that carries the challenge to the client's control stream.
+pub struct StepUpControl {
+    pub gate: watch::Sender<StreamGate>,
+    pub messages: tokio::sync::mpsc::UnboundedSender<crate::protocol::ControlMessage>,
+    /// When the pending step-up started, if one is pending.
+    pub since: Option<Instant>,
+}
+
 /// What the supervisor needs to re-evaluate a session.
 pub struct SessionState {
     pub chain: Vec<CertificateDer<'static>>,
@@ -58,6 +77,9 @@ pub struct SessionState {
     pub reevaluate: Arc<tokio::sync::Notify>,
     /// The registry entry, which records each evaluation.
     pub entry: Arc<SessionEntry>,
+    /// Step-up handling inside the session; `None` where a step-up ends the
+    /// session instead (the TLS-over-TCP ingress).
+    pub step_up: Option<StepUpControl>,
 }
 
 /// Waits until the session must end and returns why. Re-evaluates the
@@ -178,6 +200,7 @@ async fn reevaluate(
         ocsp: state.ocsp.as_ref(),
         posture: state.posture.as_deref(),
         crl: state.crl.as_deref(),
+        allow_step_up: state.step_up.is_some(),
     };
     let outcome = admission::admit(&generation, &request).await;
     state.entry.evaluations.fetch_add(1, Ordering::Relaxed);
@@ -189,6 +212,21 @@ async fn reevaluate(
     match outcome {
         Ok(admitted) => {
             state.policy_outage_since = None;
+            if let crate::policy::Decision::StepUp {
+                challenge,
+                grace,
+                reason,
+                ..
+            } = &admitted.decision
+            {
+                return step_up(state, admitted.clone(), challenge, *grace, reason, trigger);
+            }
+            if let Some(control) = state.step_up.as_mut() {
+                if control.since.take().is_some() {
+                    tracing::info!(trigger, "step-up satisfied; held streams released");
+                }
+                control.gate.send_replace(StreamGate::Open);
+            }
             tracing::debug!(
                 trigger,
                 client = %state.client,
@@ -264,4 +302,55 @@ fn recheck_revocation(state: &SessionState) -> Option<CloseRequest> {
             Some(CloseRequest::new(code, message))
         }
     }
+}
+
+/// Holds new streams and sends the challenge on the first step-up decision;
+/// closes the session when the grace period ends without an allow.
+fn step_up(
+    state: &mut SessionState,
+    admitted: Admitted,
+    challenge: &str,
+    grace: std::time::Duration,
+    reason: &str,
+    trigger: &'static str,
+) -> Result<(), CloseRequest> {
+    let Some(control) = state.step_up.as_mut() else {
+        return Err(CloseRequest::new(Code::StepUpRequired, reason.to_string()));
+    };
+    let since = match control.since {
+        Some(since) => since,
+        None => {
+            let now = Instant::now();
+            control.since = Some(now);
+            control.gate.send_replace(StreamGate::Held);
+            let _ = control
+                .messages
+                .send(crate::protocol::ControlMessage::StepUp(
+                    crate::protocol::StepUp {
+                        challenge: challenge.to_string(),
+                        grace_secs: grace.as_secs(),
+                        reason: reason.to_string(),
+                    },
+                ));
+            tracing::info!(trigger, challenge, grace = ?grace, "step-up required; new streams are held");
+            now
+        }
+    };
+    if since.elapsed() >= grace {
+        control.gate.send_replace(StreamGate::Closed);
+        return Err(CloseRequest {
+            code: Code::StepUpRequired,
+            reason: format!("{reason}; the step-up at {challenge} was not completed in time"),
+            remediation: Some(challenge.to_string()),
+        });
+    }
+    let mut admitted = admitted;
+    admitted.deadline = Some(Deadline {
+        at: since + grace,
+        reevaluate: true,
+        reason: "the step-up grace period ended".into(),
+    });
+    state.application.store(admitted.application.clone());
+    state.admitted = admitted;
+    Ok(())
 }
