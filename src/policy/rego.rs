@@ -9,6 +9,8 @@ use std::time::Duration;
 pub struct RegoPolicy {
     /// Policies and data loaded once; each evaluation works on a clone.
     template: regorus::Engine,
+    /// The rule compiled once, evaluated per input without cloning the engine.
+    compiled: regorus::CompiledPolicy,
     rule: String,
     default_lifetime: Duration,
     files: Vec<PathBuf>,
@@ -50,7 +52,11 @@ impl RegoPolicy {
                 .add_data(value)
                 .map_err(|e| format!("policy data {} rejected: {e}", data.display()))?;
         }
+        let compiled = engine
+            .compile_with_entrypoint(&regorus::Rc::from(rule))
+            .map_err(|e| format!("rule {rule} cannot be compiled: {e}"))?;
         let policy = RegoPolicy {
+            compiled,
             template: engine,
             rule: rule.to_string(),
             default_lifetime,
@@ -72,10 +78,9 @@ impl RegoPolicy {
             engine: "rego",
             message: format!("cannot encode the input: {e}"),
         })?;
-        let mut engine = self.template.clone();
-        engine.set_input(regorus::Value::from(json));
-        let value = engine
-            .eval_rule(self.rule.clone())
+        let value = self
+            .compiled
+            .eval_with_input(regorus::Value::from(json))
             .map_err(|e| PolicyError::Engine {
                 engine: "rego",
                 message: e.to_string(),
