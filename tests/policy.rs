@@ -737,3 +737,92 @@ async fn connect_waits_for_step_up_then_carries_on() {
         .expect("read");
     assert_eq!(&buf, b"after step-up");
 }
+
+/// A venv with the real OPA engine (opa-golib-python-bindings) under the
+/// target directory, made on first use. `Err` when pip cannot install it.
+fn opa_python() -> Result<PathBuf, String> {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("opa-venv");
+    let python = venv.join("bin/python");
+    let ready = |python: &Path| {
+        std::process::Command::new(python)
+            .args(["-c", "import opa_bindings"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if ready(&python) {
+        return Ok(python);
+    }
+    let made = std::process::Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !made.status.success() {
+        return Err(String::from_utf8_lossy(&made.stderr).to_string());
+    }
+    // The package declares Python 3.14 but runs on 3.11.
+    let pip = std::process::Command::new(venv.join("bin/pip"))
+        .args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--ignore-requires-python",
+        ])
+        .arg("opa-golib-python-bindings==0.4.4")
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !pip.status.success() || !ready(&python) {
+        return Err(String::from_utf8_lossy(&pip.stderr).to_string());
+    }
+    Ok(python)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_opa_engine_decides_through_the_gateway() {
+    let python = match tokio::task::spawn_blocking(opa_python).await.expect("task") {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("skipped: the real OPA engine could not be installed from PyPI: {e}");
+            return;
+        }
+    };
+    let upstream = echo_server("127.0.0.1:0").await;
+    let dir = tempfile::tempdir().expect("dir");
+    let data = example_data(dir.path(), (0, 24), "10.20.0.0/16");
+    let mut server = std::process::Command::new(python)
+        .arg(repo("scripts/opa-server.py"))
+        .arg(repo("config/policy.rego"))
+        .arg(&data)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start opa-server.py");
+    let stdout = server.stdout.take().expect("stdout");
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).map(|_| line)
+    })
+    .await
+    .expect("task")
+    .expect("read the listening line");
+    let addr = line
+        .trim()
+        .strip_prefix("listening ")
+        .expect("listening line")
+        .to_string();
+    let gw = TestGateway::start(
+        "127.0.0.1:0",
+        &[app("wiki", upstream, "low"), app("vault", upstream, "high")],
+        &format!(
+            "[policy]\nengine = \"opa\"\nopa_url = \"http://{addr}\"\nopa_timeout_ms = 2000\n"
+        ),
+    )
+    .await;
+    let (_c, tunnel) = connect(gw.addr(), "DEV-0001", "wiki.apps.example.test").await;
+    assert_eq!(tunnel.admitted.application, "wiki");
+    let denied = refusal(gw.addr(), "DEV-0003", "vault.apps.example.test").await;
+    assert_refused(&denied, Code::PolicyDenied, "no group of device");
+    let _ = server.kill();
+    let _ = server.wait();
+}
