@@ -81,6 +81,7 @@ impl Gateway {
         tasks.spawn(close_on_ocsp_revocation(shared.clone()));
         tasks.spawn(crl.clone().run_refresh(shutdown_rx.clone()));
         tasks.spawn(follow_revocation_config(shared.clone()));
+        tasks.spawn(reload_on_file_change(shared.clone()));
         tasks.spawn(refresh_ocsp(shared.clone()));
         let admin_settings = generation.admin.clone();
         let admin = if admin_settings.socket_path.is_some() || admin_settings.tcp_address.is_some()
@@ -185,6 +186,41 @@ async fn close_on_ocsp_revocation(shared: Arc<Shared>) {
                 tracing::warn!(missed, "OCSP revocation events were missed; their sessions close at their next re-evaluation");
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Reloads when the config file or a policy file changes (modification time
+/// or size), checked every second. A rejected file leaves the current
+/// generation in force, as any reload does.
+async fn reload_on_file_change(shared: Arc<Shared>) {
+    fn stamp(files: &[std::path::PathBuf]) -> Vec<Option<(SystemTime, u64)>> {
+        files
+            .iter()
+            .map(|f| {
+                std::fs::metadata(f)
+                    .ok()
+                    .and_then(|m| m.modified().ok().map(|t| (t, m.len())))
+            })
+            .collect()
+    }
+    let mut shutdown = shared.shutdown.clone();
+    let mut files = shared.config.current().watched_files.clone();
+    let mut last = stamp(&files);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.changed() => return,
+        }
+        let now = stamp(&files);
+        if now == last {
+            continue;
+        }
+        last = now;
+        tracing::info!("configuration or policy files changed; reloading");
+        if let Ok(generation) = shared.config.reload().await {
+            files = generation.watched_files.clone();
+            last = stamp(&files);
         }
     }
 }

@@ -78,10 +78,13 @@ impl EchoTransfer {
         });
         let writer = tokio::spawn(async move {
             let mut send = send;
+            // Paced at about 16 MiB/s, so that a fast machine still has
+            // data in flight when the test moves the client.
             for chunk in data.chunks(64 * 1024) {
                 send.write_all(chunk)
                     .await
                     .map_err(|e| format!("write failed: {e}"))?;
+                tokio::time::sleep(Duration::from_millis(4)).await;
             }
             send.finish().map_err(|e| format!("finish failed: {e}"))
         });

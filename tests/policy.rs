@@ -826,3 +826,29 @@ async fn real_opa_engine_decides_through_the_gateway() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+#[tokio::test]
+async fn policy_data_file_change_reloads_without_signal() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let dir = tempfile::tempdir().expect("dir");
+    let data = example_data(dir.path(), (0, 24), "10.20.0.0/16");
+    let gw = TestGateway::start(
+        "127.0.0.1:0",
+        &[app("wiki", upstream, "low")],
+        &rego_policy_section(&data),
+    )
+    .await;
+    let (_c, mut tunnel) = connect(gw.addr(), "DEV-0001", "wiki.apps.example.test").await;
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&data).expect("read")).expect("json");
+    value["access"]["devices"]
+        .as_object_mut()
+        .expect("devices")
+        .remove("spiffe://example.test/device/DEV-0001");
+    std::fs::write(&data, serde_json::to_vec(&value).expect("encode")).expect("write");
+    // No reload call: the gateway notices the file change by itself.
+    let ending = tokio::time::timeout(Duration::from_secs(15), tunnel.ended())
+        .await
+        .expect("closed");
+    assert_refused(&ending, Code::PolicyDenied, "not in the inventory");
+}

@@ -121,6 +121,8 @@ pub struct Generation {
     pub admin: crate::admin::AdminSettings,
     pub metrics_listen: Option<SocketAddr>,
     pub state_dir: Option<PathBuf>,
+    /// Files whose change triggers a reload: the config file and the policy files.
+    pub watched_files: Vec<PathBuf>,
     /// Revocation sources and rules of each device CA.
     pub revocation: Vec<crate::identity::revocation::CaRevocationConfig>,
 }

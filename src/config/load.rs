@@ -678,6 +678,20 @@ fn build(
             },
         },
         state_dir: raw.gateway.state_dir.as_deref().map(|d| resolve(base, d)),
+        watched_files: {
+            let mut files = vec![source.to_path_buf()];
+            let engines = std::iter::once((&raw.policy.rego_files, &raw.policy.data_file)).chain(
+                raw.policy
+                    .shadow
+                    .iter()
+                    .map(|s| (&s.rego_files, &s.data_file)),
+            );
+            for (rego_files, data_file) in engines {
+                files.extend(rego_files.iter().map(|f| resolve(base, f)));
+                files.extend(data_file.iter().map(|f| resolve(base, f)));
+            }
+            files
+        },
         revocation: revocation_configs(c, base, &raw.device_cas, &cas)?,
         audit: match raw.log.audit.as_str() {
             "stderr" => crate::telemetry::AuditSink::Stderr,
