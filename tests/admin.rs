@@ -1081,7 +1081,7 @@ async fn client_close_reload_and_errors() {
         .arg(&socket))
     .await;
     assert!(ok, "stderr: {stderr}");
-    assert_eq!(stdout, "closed session 9\n");
+    assert_eq!(stdout, "closed session id=9\n");
 
     let (ok, _, stderr) = run(ztgate()
         .args(["close-session", "31337", "--socket"])

@@ -155,7 +155,7 @@ async fn execute(command: AdminCommand) -> Result<String, String> {
             let path = format!("/v1/sessions/{id}");
             let body = client.expect_ok(Method::DELETE, &path, None).await?;
             let outcome: CloseOutcome = decode(&body)?;
-            Ok(format!("closed session {}\n", outcome.id))
+            Ok(format!("closed session id={}\n", outcome.id))
         }
         AdminCommand::Revoke(args) => {
             let client = AdminClient::new(Endpoint::from_args(&args.endpoint)?);
