@@ -148,8 +148,11 @@ impl Gateway {
         if let Some(admin) = self.admin.take() {
             admin.wait().await;
         }
-        // Give sessions a moment to send their close messages.
-        let deadline = tokio::time::Instant::now() + self.shared.config.current().timeouts.drain;
+        // Sessions drain their streams for up to drain_secs, then send their
+        // close messages.
+        let deadline = tokio::time::Instant::now()
+            + self.shared.config.current().timeouts.drain
+            + Duration::from_secs(2);
         while self.shared.registry.session_count() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

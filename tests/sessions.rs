@@ -143,16 +143,76 @@ async fn session_outlives_decision_expiry_and_ends_at_max_length() {
 }
 
 #[tokio::test]
-async fn shutdown_sends_going_away() {
-    let upstream = echo_server("127.0.0.1:0").await;
-    let gw = TestGateway::start("127.0.0.1:0", &[App::wiki(upstream)], "").await;
-    let (_client, mut tunnel) = connect(gw.addr(), "DEV-0001", WIKI).await;
-    let TestGateway {
-        gateway, dir: _dir, ..
-    } = gw;
+async fn shutdown_drains_streams_then_closes() {
+    // The upstream answers each line one second late, so a stream is in
+    // progress when the gateway starts to shut down.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let upstream = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = [0u8; 64];
+                if let Ok(n) = tcp.read(&mut buf).await {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let _ = tcp.write_all(&buf[..n]).await;
+                }
+            });
+        }
+    });
+    let (_dir, config) =
+        write_config_with("127.0.0.1:0", &[App::wiki(upstream)], "drain_secs = 5", "");
+    let gateway = ztgate::gateway::Gateway::start(&config)
+        .await
+        .expect("gateway");
+    let addr = gateway.quic_addrs()[0];
+    let (_client, mut tunnel) = connect(addr, "DEV-0001", WIKI).await;
+    let (mut send, mut recv) = tunnel.open_stream().await.expect("open");
+    send.write_all(b"in progress").await.expect("write");
+    send.finish().expect("finish");
+    // Wait until the gateway forwards the stream.
+    let session = gateway.shared().registry.all().pop().expect("one session");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while session
+        .streams_active
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stream never became active"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let started = std::time::Instant::now();
     let stop = tokio::spawn(gateway.shutdown());
+    // The stream in progress completes during the drain.
+    let reply = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(64))
+        .await
+        .expect("reply during the drain")
+        .expect("read");
+    assert_eq!(reply, b"in progress");
+    // The client was told, then the session closed with going-away once its
+    // stream finished, before the 5 s drain deadline.
     let ending = ending_within(&mut tunnel, Duration::from_secs(10)).await;
+    let closed_after = started.elapsed();
     assert_closed_with(&ending, Code::GoingAway);
+    let going_away = tunnel.going_away.clone().expect("a going-away message");
+    assert_eq!(going_away.drain_secs, 5);
+    assert!(
+        closed_after < Duration::from_secs(4),
+        "closed after {closed_after:?}"
+    );
+    // New connections are refused.
+    let late = device_client(addr, "DEV-0002", WIKI)
+        .connect(Duration::from_secs(3))
+        .await;
+    assert!(
+        late.is_err(),
+        "a new connection during shutdown must be refused"
+    );
     stop.await.expect("shutdown completes");
 }
 

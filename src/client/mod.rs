@@ -140,6 +140,8 @@ const CLIENT_UDP_BUFFERS: crate::ingress::udp::UdpBuffers = crate::ingress::udp:
 pub struct Tunnel {
     pub connection: quinn::Connection,
     pub admitted: Admitted,
+    /// The `going-away` message, once the gateway has sent one.
+    pub going_away: Option<crate::protocol::GoingAway>,
     control: ControlReader<quinn::RecvStream>,
 }
 
@@ -320,6 +322,7 @@ impl Client {
             let first = control.next().await;
             match first {
                 Ok(Some(ControlMessage::Admitted(admitted))) => Ok(Tunnel {
+                    going_away: None,
                     connection,
                     admitted,
                     control,
@@ -378,6 +381,7 @@ impl Tunnel {
                 }
                 Ok(Some(ControlMessage::GoingAway(g))) => {
                     tracing::info!(drain_secs = g.drain_secs, reason = %g.reason, "the gateway is going away");
+                    self.going_away = Some(g);
                 }
                 Ok(Some(ControlMessage::StepUp(s))) => {
                     eprintln!(

@@ -135,7 +135,11 @@ impl QuicIngress {
         loop {
             let incoming = tokio::select! {
                 incoming = self.endpoint.accept() => incoming,
-                _ = shutdown.changed() => break,
+                _ = shutdown.changed() => {
+                    // Refuse new connections at once while sessions drain.
+                    self.endpoint.set_server_config(None);
+                    break;
+                }
             };
             let Some(incoming) = incoming else { break };
             accept_one(incoming, &shared, &token_key);
@@ -648,6 +652,8 @@ async fn forward_stream(
     }
     let application = application.load_full();
     let application = &*application;
+    entry.streams_active.fetch_add(1, Ordering::Relaxed);
+    let _active = ActiveStream(&entry.streams_active);
     let started = Instant::now();
     metrics::stream_opened(&application.name);
     let tcp = match application.upstream.connect().await {
@@ -704,5 +710,14 @@ struct SessionGauge;
 impl Drop for SessionGauge {
     fn drop(&mut self) {
         metrics::sessions_active(-1.0);
+    }
+}
+
+/// Counts a stream as active until dropped.
+struct ActiveStream<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl Drop for ActiveStream<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

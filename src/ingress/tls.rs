@@ -364,6 +364,8 @@ async fn run_admitted(
     // A TCP connection keeps its address, so no path change ever arrives.
     let (_, mut addresses) = watch::channel(remote);
     let outcome = {
+        // The connection is the session's one tunnel: a drain waits for it.
+        guard.entry.streams_active.fetch_add(1, Ordering::Relaxed);
         let copy = copy_duplex(&mut stream, &mut upstream, buffer);
         tokio::pin!(copy);
         tokio::select! {

@@ -28,6 +28,8 @@ pub struct SessionEntry {
     pub path_changes: AtomicU64,
     /// Policy evaluations so far: the admission and every re-evaluation.
     pub evaluations: AtomicU64,
+    /// Streams (tunnels) of the session being forwarded now.
+    pub streams_active: AtomicU64,
     /// The client address the latest policy evaluation was given.
     pub evaluated_client: Mutex<SocketAddr>,
     pub bytes_to_upstream: AtomicU64,
@@ -209,6 +211,7 @@ impl Registry {
             client: Mutex::new(client),
             path_changes: AtomicU64::new(0),
             evaluations: AtomicU64::new(1),
+            streams_active: AtomicU64::new(0),
             evaluated_client: Mutex::new(client),
             bytes_to_upstream: AtomicU64::new(0),
             bytes_to_client: AtomicU64::new(0),

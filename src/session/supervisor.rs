@@ -111,7 +111,7 @@ pub async fn supervise(
             return request;
         }
         if *shutdown.borrow_and_update() {
-            return CloseRequest::new(Code::GoingAway, "the gateway is shutting down");
+            return drain(state, config, close).await;
         }
         let deadline = state.admitted.deadline.clone();
         let sleep = async {
@@ -128,7 +128,7 @@ pub async fn supervise(
             }
             changed = shutdown.changed() => {
                 if changed.is_err() {
-                    return CloseRequest::new(Code::GoingAway, "the gateway is shutting down");
+                    return drain(state, config, close).await;
                 }
             }
             changed = crl_changes.changed(), if crl_open => {
@@ -353,4 +353,35 @@ fn step_up(
     state.application.store(admitted.application.clone());
     state.admitted = admitted;
     Ok(())
+}
+
+/// Tells the client the gateway is going away, lets the session's streams
+/// finish until `gateway.drain_secs` runs out, then asks for the close.
+async fn drain(
+    state: &SessionState,
+    config: &ConfigHandle,
+    close: &mut watch::Receiver<Option<CloseRequest>>,
+) -> CloseRequest {
+    let drain = config.current().timeouts.drain;
+    if let Some(control) = &state.step_up {
+        let _ = control
+            .messages
+            .send(crate::protocol::ControlMessage::GoingAway(
+                crate::protocol::GoingAway {
+                    drain_secs: drain.as_secs(),
+                    reason: "the gateway is shutting down".into(),
+                },
+            ));
+    }
+    let deadline = tokio::time::Instant::now() + drain;
+    while state.entry.streams_active.load(Ordering::Relaxed) > 0 {
+        if let Some(request) = close.borrow_and_update().clone() {
+            return request;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    CloseRequest::new(Code::GoingAway, "the gateway is shutting down")
 }
