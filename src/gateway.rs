@@ -30,7 +30,7 @@ pub struct Gateway {
     tasks: JoinSet<()>,
 }
 
-/// Why the gateway could not start.
+/// Error returned when the gateway cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("{0}")]
@@ -111,22 +111,22 @@ impl Gateway {
         })
     }
 
-    /// The bound QUIC addresses, in config order (port 0 resolved).
+    /// Returns the bound QUIC addresses, in config order (port 0 resolved).
     pub fn quic_addrs(&self) -> &[SocketAddr] {
         &self.quic_addrs
     }
 
-    /// The bound metrics listener, when configured.
+    /// Returns the bound metrics listener address, when one is configured.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
     }
 
-    /// The admin API's listeners, when configured.
+    /// Returns the admin API's listeners, when configured.
     pub fn admin(&self) -> Option<&AdminHandle> {
         self.admin.as_ref()
     }
 
-    /// The bound TLS-over-TCP addresses, in config order (port 0 resolved).
+    /// Returns the bound TLS-over-TCP addresses, in config order (port 0 resolved).
     pub fn tls_addrs(&self) -> &[SocketAddr] {
         &self.tls_addrs
     }
@@ -140,8 +140,8 @@ impl Gateway {
         self.shared.config.reload().await
     }
 
-    /// Stops accepting, tells every session to close with going-away, and
-    /// waits for the listeners to stop.
+    /// Stops accepting, drains every session and closes it with going-away,
+    /// and waits for the listeners and sessions to stop.
     pub async fn shutdown(mut self) {
         self.shutdown.send_replace(true);
         while self.tasks.join_next().await.is_some() {}
@@ -159,7 +159,7 @@ impl Gateway {
     }
 }
 
-/// Closes the sessions of every certificate that an OCSP answer reports revoked.
+/// Closes the sessions of every certificate that an OCSP response reports revoked.
 async fn close_on_ocsp_revocation(shared: Arc<Shared>) {
     let mut revocations = shared.ocsp.subscribe();
     let mut shutdown = shared.shutdown.clone();
@@ -250,7 +250,7 @@ async fn follow_revocation_config(shared: Arc<Shared>) {
     }
 }
 
-/// Asks OCSP again, before they expire, about answers cached for live sessions.
+/// Queries OCSP again for cached responses of live sessions before they expire.
 async fn refresh_ocsp(shared: Arc<Shared>) {
     let mut shutdown = shared.shutdown.clone();
     loop {

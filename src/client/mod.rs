@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 pub use tls::TlsDialer;
 
-/// Why a connection attempt or a tunnel ended.
+/// Outcome of a failed connection attempt or an ended tunnel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ending {
     /// The gateway refused this device; reconnecting will not help.
@@ -250,7 +250,7 @@ impl Client {
         &self.endpoint
     }
 
-    /// The gateway's QUIC address.
+    /// Returns the gateway's QUIC address.
     pub fn gateway(&self) -> SocketAddr {
         self.gateway
     }
@@ -331,8 +331,8 @@ impl Client {
                     Err(application_ending(Some(refusal.code), &refusal.reason))
                 }
                 Ok(other) => {
-                    // The stream ended or carried something else: the close
-                    // reason, if any, says more.
+                    // The stream ended or carried something else, so the close
+                    // reason, if any, explains more.
                     let closed =
                         tokio::time::timeout(Duration::from_secs(2), connection.closed()).await;
                     match closed {

@@ -114,11 +114,10 @@ pub struct RawPolicy {
     /// set and "builtin" otherwise.
     #[serde(default)]
     pub engine: Option<String>,
-    /// How long an allow holds before it is evaluated again, when the
-    /// engine's decision does not say.
+    /// Lifetime of an allow decision that sets no `lifetime_secs` of its own.
     #[serde(default)]
     pub decision_lifetime_secs: Option<u64>,
-    /// Longest a session may live, whatever the decisions say; 0 for no limit.
+    /// Maximum session length in seconds, whatever the decisions; 0 for no limit.
     #[serde(default)]
     pub max_session_secs: u64,
     /// Decisions kept in the cache; 0 turns the cache off.
@@ -187,7 +186,7 @@ pub struct RawLog {
     pub level: String,
     #[serde(default = "defaults::log_format")]
     pub format: String,
-    /// Where the audit log goes: "stderr", "off" or a file path.
+    /// Audit log destination: "stderr", "off" or a file path.
     #[serde(default = "defaults::audit")]
     pub audit: String,
 }
@@ -267,10 +266,10 @@ pub struct RawApplication {
     /// "soft-fail" or "hard-fail".
     #[serde(default)]
     pub ocsp: Option<String>,
-    /// Soft-fail: the oldest good OCSP answer that still admits.
+    /// Soft-fail: maximum age of a cached good OCSP response that still admits.
     #[serde(default)]
     pub ocsp_max_staleness_secs: Option<u64>,
-    /// Soft-fail: "admit" (the default) or "refuse" when no answer was ever cached.
+    /// Soft-fail: "admit" (the default) or "refuse" when no response was ever cached.
     #[serde(default)]
     pub ocsp_without_answer: Option<String>,
 }
@@ -290,7 +289,7 @@ pub struct RawOcsp {
     pub clock_skew_secs: Option<u64>,
     pub default_lifetime_secs: Option<u64>,
     pub cache_size: Option<usize>,
-    /// How long before a cached answer expires live sessions ask again.
+    /// Seconds before a cached response expires at which live sessions query again.
     pub refresh_margin_secs: Option<u64>,
 }
 

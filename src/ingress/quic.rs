@@ -595,8 +595,9 @@ async fn accept_streams(
 /// gateway reads nothing past its preamble until the stream is released.
 const MAX_HELD_STREAMS: usize = 16;
 
-/// Waits while a step-up holds new streams. Returns false when the stream
-/// must be reset instead (too many held, or the session ended).
+/// Waits while a pending step-up holds back new streams. Returns the reset
+/// code when the stream must be reset instead (too many held, or the session
+/// ended).
 async fn wait_for_gate(
     gate: &mut watch::Receiver<StreamGate>,
     held: &std::sync::atomic::AtomicUsize,
@@ -607,7 +608,10 @@ async fn wait_for_gate(
     }
     if held.fetch_add(1, Ordering::Relaxed) >= MAX_HELD_STREAMS {
         held.fetch_sub(1, Ordering::Relaxed);
-        debug!(stream = stream_id, "too many held streams; stream refused");
+        debug!(
+            stream = stream_id,
+            "too many held streams; stream rejected with stream-refused"
+        );
         return Err(Code::StreamRefused);
     }
     debug!(
