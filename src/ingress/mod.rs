@@ -82,3 +82,64 @@ impl Shared {
         })
     }
 }
+
+impl Shared {
+    /// Builds the admission request of a new connection on either ingress.
+    pub fn admission_request<'a>(
+        &'a self,
+        chain: &'a [rustls::pki_types::CertificateDer<'static>],
+        server_name: Option<&'a str>,
+        client: std::net::SocketAddr,
+        transport: crate::policy::Transport,
+    ) -> crate::admission::AdmissionRequest<'a> {
+        crate::admission::AdmissionRequest {
+            chain,
+            server_name,
+            client,
+            path_changes: 0,
+            previous_address: None,
+            transport,
+            now: std::time::SystemTime::now(),
+            session_started: None,
+            previous: None,
+            ocsp: Some(&self.ocsp),
+            posture: Some(&self.posture),
+            crl: Some(&self.crl),
+            allow_step_up: false,
+        }
+    }
+
+    /// Builds the supervisor state of a newly admitted session.
+    #[allow(clippy::too_many_arguments)]
+    pub fn session_state(
+        &self,
+        chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+        server_name: Option<String>,
+        transport: crate::policy::Transport,
+        client: std::net::SocketAddr,
+        started: std::time::Instant,
+        admitted: crate::admission::Admitted,
+        application: Arc<arc_swap::ArcSwap<crate::config::Application>>,
+        entry: &Arc<crate::session::SessionEntry>,
+        step_up: Option<crate::session::StepUpControl>,
+    ) -> crate::session::SessionState {
+        crate::session::SessionState {
+            chain,
+            server_name,
+            transport,
+            client,
+            path_changes: 0,
+            previous_address: None,
+            started,
+            admitted,
+            application,
+            policy_outage_since: None,
+            ocsp: Some(self.ocsp.clone()),
+            posture: Some(self.posture.clone()),
+            crl: Some(self.crl.clone()),
+            reevaluate: entry.reevaluate.clone(),
+            entry: entry.clone(),
+            step_up,
+        }
+    }
+}

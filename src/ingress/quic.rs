@@ -6,19 +6,19 @@ use super::control::ControlWriter;
 use super::path::{self, PathSample, PathTracker};
 use super::tls_config::server_tls_config;
 use super::Shared;
-use crate::admission::{self, AdmissionRequest, Refused};
+use crate::admission::{self, Refused};
 use crate::config::Generation;
 use crate::forward::{pump, PumpEnd, ResetCodes};
 use crate::policy::Transport;
 use crate::protocol::{self, Admitted as AdmittedMsg, Code, ControlMessage, Refusal};
-use crate::session::{supervise, SessionState, StreamGate};
+use crate::session::{supervise, StreamGate};
 use crate::telemetry::metrics;
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::pki_types::CertificateDer;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{debug, info, warn, Instrument};
 
@@ -308,21 +308,7 @@ async fn run_admitted(
         }
     };
     let generation = shared.config.current();
-    let request = AdmissionRequest {
-        chain: &chain,
-        server_name: sni.as_deref(),
-        client: remote,
-        path_changes: 0,
-        previous_address: None,
-        transport: Transport::Quic,
-        now: SystemTime::now(),
-        session_started: None,
-        previous: None,
-        ocsp: Some(&shared.ocsp),
-        posture: Some(&shared.posture),
-        crl: Some(&shared.crl),
-        allow_step_up: false,
-    };
+    let request = shared.admission_request(&chain, sni.as_deref(), remote, Transport::Quic);
     let admitted = match admission::admit(&generation, &request).await {
         Ok(a) => a,
         Err(refused) => {
@@ -410,28 +396,22 @@ async fn run_admitted(
     let application = Arc::new(arc_swap::ArcSwap::new(admitted.application.clone()));
     let (gate_tx, gate_rx) = watch::channel(StreamGate::Open);
     let (message_tx, mut message_rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut state = SessionState {
+    let step_up = crate::session::StepUpControl {
+        gate: gate_tx.clone(),
+        messages: message_tx,
+        since: None,
+    };
+    let mut state = shared.session_state(
         chain,
-        server_name: sni,
-        transport: Transport::Quic,
-        client: remote,
-        path_changes: 0,
-        previous_address: None,
+        sni,
+        Transport::Quic,
+        remote,
         started,
         admitted,
-        application: application.clone(),
-        policy_outage_since: None,
-        ocsp: Some(shared.ocsp.clone()),
-        posture: Some(shared.posture.clone()),
-        crl: Some(shared.crl.clone()),
-        reevaluate: guard.entry.reevaluate.clone(),
-        entry: guard.entry.clone(),
-        step_up: Some(crate::session::StepUpControl {
-            gate: gate_tx.clone(),
-            messages: message_tx,
-            since: None,
-        }),
-    };
+        application.clone(),
+        &guard.entry,
+        Some(step_up),
+    );
     let mut close_rx = guard.close.clone();
     let mut shutdown = shared.shutdown.clone();
     let (address_tx, mut address_rx) = watch::channel(remote);

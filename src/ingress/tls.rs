@@ -15,16 +15,16 @@ use super::duplex::{copy_duplex, reset_on_close, DuplexEnd};
 use super::quic::canonical;
 use super::tls_config::server_tls_config;
 use super::Shared;
-use crate::admission::{self, AdmissionRequest, Refused};
+use crate::admission::{self, Refused};
 use crate::config::Generation;
 use crate::identity::HandshakeOutcome;
 use crate::policy::Transport;
-use crate::session::{supervise, SessionState, SourceGuard};
+use crate::session::{supervise, SourceGuard};
 use rustls::pki_types::CertificateDer;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -272,21 +272,7 @@ async fn run_admitted(
     let stats = &shared.stats;
     let started = Instant::now();
     let generation = shared.config.current();
-    let request = AdmissionRequest {
-        chain: &chain,
-        server_name: sni.as_deref(),
-        client: remote,
-        path_changes: 0,
-        previous_address: None,
-        transport: Transport::Tls,
-        now: SystemTime::now(),
-        session_started: None,
-        previous: None,
-        ocsp: Some(&shared.ocsp),
-        posture: Some(&shared.posture),
-        crl: Some(&shared.crl),
-        allow_step_up: false,
-    };
+    let request = shared.admission_request(&chain, sni.as_deref(), remote, Transport::Tls);
     let admitted = match admission::admit(&generation, &request).await {
         Ok(a) => a,
         Err(refused) => {
@@ -339,26 +325,19 @@ async fn run_admitted(
         }
     };
     let buffer = generation.limits.copy_buffer_bytes;
-    let mut state = SessionState {
+    // One TCP connection is one tunnel, already dialled: a step-up closes
+    // the session.
+    let mut state = shared.session_state(
         chain,
-        server_name: sni,
-        transport: Transport::Tls,
-        client: remote,
-        path_changes: 0,
-        previous_address: None,
+        sni,
+        Transport::Tls,
+        remote,
         started,
         admitted,
-        application: Arc::new(arc_swap::ArcSwap::new(application)),
-        policy_outage_since: None,
-        ocsp: Some(shared.ocsp.clone()),
-        posture: Some(shared.posture.clone()),
-        crl: Some(shared.crl.clone()),
-        reevaluate: guard.entry.reevaluate.clone(),
-        entry: guard.entry.clone(),
-        // One TCP connection is one tunnel, already dialled: a step-up
-        // closes the session.
-        step_up: None,
-    };
+        Arc::new(arc_swap::ArcSwap::new(application)),
+        &guard.entry,
+        None,
+    );
     let mut close_rx = guard.close.clone();
     let mut shutdown = shared.shutdown.clone();
     // A TCP connection keeps its address, so no path change ever arrives.
