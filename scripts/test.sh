@@ -3,12 +3,14 @@
 #
 # Usage: bash scripts/test.sh [ARGS...]
 #
-# Installs the Debian packages that the tests call and that are missing (openssl for
-# scripts/dev-pki.sh, curl, python3 with venv for the aioquic test, iperf3, and iproute2
-# for the network namespace test), which needs root and apt-get. Then it
-# builds every target in release mode and runs `cargo test --release --locked ARGS...`,
-# so `bash scripts/test.sh quic -- --nocapture` runs only the tests whose names contain
-# "quic" and shows their output. Exits with cargo's status.
+# Installs the missing Debian packages that the tests and the benchmark smoke test call,
+# which needs root and apt-get: openssl for scripts/dev-pki.sh, curl, python3 with venv for
+# the aioquic test, iperf3, stunnel4, haproxy, and iproute2 for the network namespace test.
+# Then it builds every target in release mode and runs
+# `cargo test --release --locked ARGS...`, so `bash scripts/test.sh quic -- --nocapture`
+# runs only the tests whose names contain "quic" and shows their output. Without ARGS it
+# then runs `scripts/bench.sh --quick` on the same build, a smoke test of the benchmark
+# setups that does not judge the figures. Exits with the first failing status.
 
 set -Eeuo pipefail
 
@@ -24,7 +26,7 @@ fail() {
 install_missing_packages() {
     local -a missing=()
     local command
-    for command in openssl curl python3 iperf3; do
+    for command in openssl curl python3 iperf3 stunnel4 haproxy; do
         command -v "$command" >/dev/null || missing+=("$command")
     done
     command -v ip >/dev/null || missing+=(iproute2)
@@ -56,6 +58,9 @@ main() {
     cd -- "$REPO"
     cargo build --release --locked --all-targets
     cargo test --release --locked "$@"
+    if (($# == 0)); then
+        bash scripts/bench.sh --quick
+    fi
 }
 
 main "$@"
