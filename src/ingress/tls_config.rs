@@ -36,6 +36,10 @@ pub fn server_tls_config(
         .with_cert_resolver(Arc::new(FixedCert(generation.certified_key.clone())));
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     config.session_storage = session_cache;
+    // Each ticket is an entry of about 1.4 KiB (the client chain and the
+    // secrets) in the session cache, and a client resumes with one ticket
+    // and gets a fresh one each time, so one per handshake is enough.
+    config.send_tls13_tickets = 1;
     // 0-RTT stays off: early data would reach an upstream before admission.
     config.max_early_data_size = 0;
     Ok((config, outcome))
