@@ -9,10 +9,10 @@
 //! The client accepts TCP connections and opens one bidirectional stream per
 //! connection on one shared QUIC connection. The server dials the upstream
 //! for each stream. Both print `ready ADDR` on stdout once they listen.
-//! Transport settings are quinn's defaults, and the UDP socket buffers are
-//! 4 MiB like ztgate's defaults. The server makes a self-signed P-256
-//! certificate with `openssl` at start-up, and the client accepts any
-//! certificate, so the relay is for loopback benchmarks only.
+//! Transport settings are quinn's defaults with a client keep-alive, and the
+//! UDP socket buffers are 4 MiB like ztgate's defaults. The server makes a
+//! self-signed P-256 certificate with `openssl` at start-up, and the client
+//! accepts any certificate, so the relay is for loopback benchmarks only.
 
 use clap::{Parser, Subcommand};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -23,6 +23,7 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use std::net::SocketAddr;
 use std::process::{Command, ExitCode};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use ztgate::ingress::udp::{bind_udp, UdpBuffers};
@@ -33,6 +34,8 @@ const UDP_BUFFERS: UdpBuffers = UdpBuffers {
     receive: 4 * 1024 * 1024,
     send: 4 * 1024 * 1024,
 };
+/// The keep-alive interval of `ztgate connect`.
+const KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// The same size as ztgate's `limits.copy_buffer_bytes` default.
 const COPY_BUFFER_BYTES: usize = 64 * 1024;
 
@@ -148,7 +151,13 @@ async fn run_client(listen: SocketAddr, server: SocketAddr) -> Result<(), String
         Arc::new(quinn::TokioRuntime),
     )
     .map_err(|e| format!("failed to start the QUIC endpoint: {e}"))?;
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    // Without keep-alives the one connection would reach quinn's 30 s idle
+    // timeout between benchmark runs.
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(KEEP_ALIVE));
+    config.transport_config(Arc::new(transport));
+    endpoint.set_default_client_config(config);
     let connection = endpoint
         .connect(server, "relay")
         .map_err(|e| format!("failed to connect to {server}: {e}"))?
