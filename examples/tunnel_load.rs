@@ -9,9 +9,9 @@
 //!
 //! `echo` is a TCP echo server to use as the upstream. `handshakes` opens new
 //! tunnels for a fixed time, each with a full mutual-TLS handshake (resumption
-//! is off), and proves each one reached the upstream by a one-byte echo: over
-//! QUIC it waits for `admitted` and opens one stream, over TLS it sends the
-//! byte on the TLS connection. `idle` opens N tunnels the same way and keeps
+//! is off). A one-byte echo proves that each tunnel reached the upstream. Over
+//! QUIC the byte goes on a stream opened after `admitted`, and over TLS on the
+//! TLS connection itself. `idle` opens N tunnels the same way and keeps
 //! them open with no traffic. QUIC tunnels open no stream, so they are
 //! admitted connections only, and TLS tunnels are connected upstream.
 //! Results are one line of `key=value` pairs on stdout. With `--server-pid`,
@@ -63,7 +63,7 @@ enum Command {
     Idle {
         #[command(flatten)]
         target: Target,
-        /// Number of idle tunnels to hold.
+        /// Number of idle tunnels to keep open.
         #[arg(long)]
         count: usize,
         /// Tunnels being opened at the same time.
@@ -147,7 +147,7 @@ fn main() -> ExitCode {
 }
 
 /// Raises the soft descriptor limit to the hard limit, because the idle
-/// benchmark holds one socket per TLS tunnel.
+/// benchmark keeps one socket per TLS tunnel open.
 fn raise_descriptor_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     match getrlimit(Resource::RLIMIT_NOFILE) {
@@ -184,10 +184,10 @@ async fn run_echo(listen: SocketAddr) -> Result<(), String> {
     }
 }
 
-/// An open tunnel. The streams are only held, so that they stay open.
+/// An open tunnel. The streams are kept only so that they stay open.
 enum OpenTunnel {
     Quic {
-        tunnel: Tunnel,
+        tunnel: Box<Tunnel>,
         _stream: Option<(quinn::SendStream, quinn::RecvStream)>,
     },
     Tls {
@@ -204,7 +204,7 @@ impl OpenTunnel {
     }
 }
 
-/// Builds the tunnels of one target with full handshakes only.
+/// Connection settings for one target, which open tunnels with full handshakes only.
 enum Opener {
     Quic(Client),
     Tls {
@@ -252,7 +252,7 @@ impl Opener {
                     .map_err(|e| format!("QUIC tunnel failed: {}", e.message()))?;
                 if !with_stream {
                     return Ok(OpenTunnel::Quic {
-                        tunnel,
+                        tunnel: Box::new(tunnel),
                         _stream: None,
                     });
                 }
@@ -268,7 +268,7 @@ impl Opener {
                     .await
                     .map_err(|e| format!("no echo on the stream: {e}"))?;
                 Ok(OpenTunnel::Quic {
-                    tunnel,
+                    tunnel: Box::new(tunnel),
                     _stream: Some((send, recv)),
                 })
             }
