@@ -321,6 +321,8 @@ run_iperf() {
   python3 - "$work/run.json" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
+if "error" in d:
+    sys.exit(f"bench.sh: iperf3 failed: {d['error']}")
 s = d["end"]["sum_received"]
 print(f'{s["bits_per_second"]:.0f} {s["bytes"]}')
 PY
