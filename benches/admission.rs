@@ -7,6 +7,8 @@
 //! Run: `cargo bench --bench admission`. Needs `openssl` for the development
 //! PKI and its CRL.
 
+mod common;
+
 use criterion::{criterion_group, BatchSize, Criterion, Throughput};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::pki_types::pem::PemObject;
@@ -14,7 +16,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use std::hint::black_box;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::SystemTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -38,36 +39,14 @@ struct Fixture {
     gateway: Gateway,
 }
 
-fn openssl_ca(pki: &Path, args: &[&str]) {
-    let output = Command::new("openssl")
-        .args(["ca", "-config"])
-        .arg(pki.join("ca/ca.cnf"))
-        .args(["-name", "device_ca"])
-        .args(args)
-        .output()
-        .expect("run openssl ca");
-    assert!(
-        output.status.success(),
-        "openssl ca failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 fn fixture() -> Fixture {
     ztgate::install_crypto_provider();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/dev-pki.sh");
-    let status = Command::new("bash")
-        .arg(script)
-        .arg(dir.path())
-        .status()
-        .expect("run dev-pki.sh");
-    assert!(status.success(), "dev-pki.sh failed");
+    let dir = common::dev_pki();
     let pki = dir.path();
     let revoked = pki.join("DEV-0002.pem");
-    openssl_ca(pki, &["-revoke", revoked.to_str().expect("UTF-8 path")]);
+    common::openssl_ca(pki, &["-revoke", revoked.to_str().expect("UTF-8 path")]);
     let crl = pki.join("device-ca.crl.pem");
-    openssl_ca(
+    common::openssl_ca(
         pki,
         &[
             "-gencrl",

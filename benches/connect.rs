@@ -5,8 +5,9 @@
 //! Run: `cargo bench --bench connect -- [ROUNDS]`. Needs `openssl` for the
 //! development PKI.
 
+mod common;
+
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 use ztgate::client::{client_tls_config, Client};
 use ztgate::gateway::Gateway;
@@ -32,14 +33,7 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(200);
-    let pki = tempfile::tempdir().expect("temp dir");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/dev-pki.sh");
-    let status = std::process::Command::new("bash")
-        .arg(script)
-        .arg(pki.path())
-        .status()
-        .expect("run dev-pki.sh");
-    assert!(status.success(), "dev-pki.sh failed");
+    let pki = common::dev_pki();
     let p = pki.path().display();
     let config = pki.path().join("bench.toml");
     std::fs::write(

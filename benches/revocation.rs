@@ -6,6 +6,8 @@
 //! Run: `cargo bench --bench revocation -- [TRIALS]`. Needs `openssl` and
 //! `python3` for the PKI and the CRL server.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -25,24 +27,9 @@ fn report(label: &str, mut samples: Vec<Duration>) {
     );
 }
 
-fn openssl(pki: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(["ca", "-config"])
-        .arg(pki.join("ca/ca.cnf"))
-        .args(["-name", "device_ca"])
-        .args(args)
-        .output()
-        .expect("openssl ca");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn write_crl(pki: &Path, dir: &Path) {
     let pem = dir.join("crl.pem");
-    openssl(
+    common::openssl_ca(
         pki,
         &[
             "-gencrl",
@@ -87,7 +74,7 @@ fn issue(pki: &Path, n: usize) -> String {
         .status()
         .expect("openssl req");
     assert!(status.success());
-    openssl(
+    common::openssl_ca(
         pki,
         &[
             "-batch",
@@ -248,7 +235,7 @@ allow_any_device = true
                 .connect(Duration::from_secs(5))
                 .await
                 .expect("admitted");
-            openssl(
+            common::openssl_ca(
                 pki,
                 &[
                     "-revoke",
