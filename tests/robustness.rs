@@ -196,14 +196,22 @@ fn toml_syntax_error_names_the_line() {
     assert!(text.contains("line 2"), "{text}");
 }
 
-#[test]
-fn world_readable_private_key_is_refused() {
-    use std::os::unix::fs::PermissionsExt;
+/// Copies the development gateway key into a new directory, lets `prepare`
+/// change the copy, and writes a config that uses it. Returns the key
+/// directory, the config directory, the key path and the config path.
+fn config_with_key_copy(
+    prepare: impl FnOnce(&std::path::Path),
+) -> (
+    tempfile::TempDir,
+    tempfile::TempDir,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
     let dir = tempfile::tempdir().expect("dir");
     let key = dir.path().join("gateway.key");
     std::fs::copy(pki().join("gateway.key"), &key).expect("copy key");
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-    let (_cfg_dir, path) = write_config(
+    prepare(&key);
+    let (cfg_dir, path) = write_config(
         "127.0.0.1:0",
         &[App::wiki("127.0.0.1:9".parse().expect("addr"))],
         "",
@@ -214,6 +222,15 @@ fn world_readable_private_key_is_refused() {
         &key.display().to_string(),
     );
     std::fs::write(&path, text).expect("write");
+    (dir, cfg_dir, key, path)
+}
+
+#[test]
+fn world_readable_private_key_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_dir, _cfg_dir, key, path) = config_with_key_copy(|key| {
+        std::fs::set_permissions(key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    });
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ztgate"))
         .args(["serve", "--config"])
         .arg(&path)
@@ -235,21 +252,9 @@ fn foreign_owned_private_key_is_refused() {
         eprintln!("skipped: needs root to give the key file to another user");
         return;
     }
-    let dir = tempfile::tempdir().expect("dir");
-    let key = dir.path().join("gateway.key");
-    std::fs::copy(pki().join("gateway.key"), &key).expect("copy key");
-    nix::unistd::chown(&key, Some(nix::unistd::Uid::from_raw(65534)), None).expect("chown");
-    let (_cfg_dir, path) = write_config(
-        "127.0.0.1:0",
-        &[App::wiki("127.0.0.1:9".parse().expect("addr"))],
-        "",
-    );
-    let text = std::fs::read_to_string(&path).expect("read");
-    let text = text.replace(
-        &format!("{}/gateway.key", pki().display()),
-        &key.display().to_string(),
-    );
-    std::fs::write(&path, text).expect("write");
+    let (_dir, _cfg_dir, key, path) = config_with_key_copy(|key| {
+        nix::unistd::chown(key, Some(nix::unistd::Uid::from_raw(65534)), None).expect("chown");
+    });
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ztgate"))
         .args(["check-config"])
         .arg(&path)
