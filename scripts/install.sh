@@ -25,6 +25,7 @@ fi
 install -D -m 0755 target/release/ztgate "$prefix/bin/ztgate"
 install -D -m 0644 systemd/ztgate.service /etc/systemd/system/ztgate.service
 install -D -m 0644 systemd/ztgate-connect@.service /etc/systemd/system/ztgate-connect@.service
+install -D -m 0644 systemd/ztgate.socket /etc/systemd/system/ztgate.socket
 install -D -m 0644 systemd/ztgate.sysusers /usr/lib/sysusers.d/ztgate.conf
 install -D -m 0644 systemd/ztgate.tmpfiles /usr/lib/tmpfiles.d/ztgate.conf
 install -D -m 0644 systemd/99-ztgate-udp-buffers.conf /etc/sysctl.d/99-ztgate-udp-buffers.conf
@@ -42,3 +43,5 @@ fi
 sysctl --system >/dev/null 2>&1 || true
 if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 echo "install.sh: installed $prefix/bin/ztgate; start with: systemctl enable --now ztgate"
+echo "install.sh: for socket activation, edit /etc/systemd/system/ztgate.socket to list the config's listen addresses, then: systemctl enable --now ztgate.socket"
+echo "install.sh: key and token files must be owned by ztgate: chown ztgate:ztgate FILE; chmod 0600 FILE"

@@ -9,7 +9,7 @@ use crate::admin::{
 use crate::config::{ConfigErrors, ConfigHandle, Generation};
 use crate::identity::ocsp::OcspChecker;
 use crate::identity::revocation::{PushTarget, PushedRevocation, RevocationStore, StoreOptions};
-use crate::ingress::{bind_quic, bind_tls, Shared};
+use crate::ingress::{bind_quic, bind_tls, open_listeners, Listeners, Shared};
 use crate::protocol::Code;
 use crate::session::{CloseRequest, Selector};
 use std::net::SocketAddr;
@@ -40,13 +40,25 @@ pub enum StartError {
 }
 
 impl Gateway {
-    /// Loads the config and binds every listener. Must run inside a tokio runtime.
+    /// Loads the config, binds every listener and starts. Must run inside a
+    /// tokio runtime.
     pub async fn start(config_path: &Path) -> Result<Gateway, StartError> {
         crate::install_crypto_provider();
         let path = config_path.to_path_buf();
         let config = tokio::task::spawn_blocking(move || ConfigHandle::load(&path))
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))??;
+        let listeners = open_listeners(&config.current(), Vec::new())?;
+        Gateway::start_with(config, listeners).await
+    }
+
+    /// Starts with a loaded config and the sockets `open_listeners` opened
+    /// for it. Must run inside a tokio runtime.
+    pub async fn start_with(
+        config: Arc<ConfigHandle>,
+        listeners: Listeners,
+    ) -> Result<Gateway, StartError> {
+        crate::install_crypto_provider();
         let generation = config.current();
         let ocsp = OcspChecker::new(generation.ocsp.clone())
             .map_err(|e| std::io::Error::other(format!("cannot start the OCSP client: {e}")))?;
@@ -67,8 +79,8 @@ impl Gateway {
         }
         let (shutdown, shutdown_rx) = watch::channel(false);
         let shared = Shared::new(config, shutdown_rx.clone(), ocsp, crl.clone());
-        let listeners = bind_quic(&shared)?;
-        let tls_listeners = bind_tls(&shared)?;
+        let tls_listeners = bind_tls(listeners.tcp)?;
+        let listeners = bind_quic(&shared, listeners.udp)?;
         let quic_addrs = listeners.iter().map(|l| l.local_addr).collect();
         let tls_addrs = tls_listeners.iter().map(|l| l.local_addr).collect();
         let mut tasks = JoinSet::new();

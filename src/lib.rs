@@ -11,7 +11,7 @@
 //! `admission` (post-handshake checks), `session` (live sessions),
 //! `forward` (upstream and copy), `client` (the device side), `protocol`
 //! (wire formats and codes), `telemetry` (logs), `admin` (the local admin
-//! API and its thin client).
+//! API and its thin client), `sandbox` (the gateway's Landlock sandbox).
 
 pub mod admin;
 pub mod admission;
@@ -23,6 +23,7 @@ pub mod identity;
 pub mod ingress;
 pub mod policy;
 pub mod protocol;
+pub mod sandbox;
 pub mod session;
 pub mod telemetry;
 

@@ -9,6 +9,8 @@ use std::time::Duration;
 use ztgate::client::{run_connect, ConnectOptions, TransportChoice};
 use ztgate::config::ConfigHandle;
 use ztgate::gateway::Gateway;
+use ztgate::ingress::{inherited_sockets, open_listeners};
+use ztgate::sandbox;
 
 #[derive(Parser)]
 #[command(
@@ -169,11 +171,13 @@ fn main() -> ExitCode {
     }
 }
 
+/// Runs the gateway. Everything that needs files outside the sandbox (the
+/// config, keys, policies) or inherited sockets happens on this one thread
+/// before the sandbox is applied; the runtime and its threads start after.
 fn serve(config: PathBuf) -> ExitCode {
     ztgate::install_crypto_provider();
-    // Validate before the runtime starts so errors reach the terminal plainly.
-    let preview = match ConfigHandle::load(&config) {
-        Ok(h) => h.current(),
+    let handle = match ConfigHandle::load(&config) {
+        Ok(h) => h,
         Err(errors) => {
             eprintln!("{errors}");
             eprintln!(
@@ -184,23 +188,35 @@ fn serve(config: PathBuf) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    ztgate::telemetry::init(&preview.log_level, &preview.log_format, &preview.audit);
-    drop(preview);
-    let runtime = match tokio::runtime::Runtime::new() {
+    let generation = handle.current();
+    ztgate::telemetry::init(
+        &generation.log_level,
+        &generation.log_format,
+        &generation.audit,
+    );
+    let listeners = match inherited_sockets().and_then(|s| open_listeners(&generation, s)) {
+        Ok(listeners) => listeners,
+        Err(e) => return start_failed(&e.to_string()),
+    };
+    // Read before the sandbox: the standard library reads the CPU quota
+    // from /proc/self/cgroup and /sys/fs/cgroup, which the sandbox denies.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if let Err(e) = apply_sandbox(&handle, &generation) {
+        return start_failed(&e);
+    }
+    drop(generation);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("ztgate serve: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return start_failed(&format!("cannot start the runtime: {e}")),
     };
     runtime.block_on(async move {
-        let gateway = match Gateway::start(&config).await {
+        let gateway = match Gateway::start_with(handle, listeners).await {
             Ok(g) => g,
-            Err(e) => {
-                tracing::error!(error = %e, "gateway failed to start");
-                eprintln!("ztgate serve: {e}");
-                return ExitCode::FAILURE;
-            }
+            Err(e) => return start_failed(&e.to_string()),
         };
         for addr in gateway.quic_addrs() {
             println!("ztgate: listening quic {addr}");
@@ -221,6 +237,34 @@ fn serve(config: PathBuf) -> ExitCode {
         tracing::info!("gateway stopped");
         ExitCode::SUCCESS
     })
+}
+
+fn start_failed(message: &str) -> ExitCode {
+    tracing::error!(error = %message, "gateway failed to start");
+    eprintln!("ztgate serve: {message}");
+    ExitCode::FAILURE
+}
+
+/// Creates the state directory, so the sandbox can allow it, then applies
+/// the sandbox and records its rules for the reload check.
+fn apply_sandbox(
+    handle: &ConfigHandle,
+    generation: &ztgate::config::Generation,
+) -> Result<(), String> {
+    if let Some(dir) = &generation.state_dir {
+        ztgate::identity::revocation::create_state_dir(dir)?;
+    }
+    let rules = sandbox::PathRules::derive(
+        handle.path(),
+        &generation.paths,
+        generation.admin.socket_group.is_some(),
+    );
+    let outcome = sandbox::apply(generation.sandbox.landlock, rules)?;
+    sandbox::log_outcome(&outcome);
+    if let Some(rules) = outcome.rules() {
+        handle.set_sandbox_rules(rules.clone());
+    }
+    Ok(())
 }
 
 async fn wait_for_signals(gateway: &Gateway) -> std::io::Result<()> {

@@ -526,7 +526,7 @@ async fn token_file_mode_0644_rejected() {
     let message = error.to_string();
     assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput, "{message}");
     assert!(message.contains("mode 0644"), "{message}");
-    assert!(message.contains("chmod 600"), "{message}");
+    assert!(message.contains("chmod 0600"), "{message}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

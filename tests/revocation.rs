@@ -246,11 +246,17 @@ fn openssl_ca(args: &[&str]) {
 
 /// Writes the device CA's current CRL, DER, into `dir/device-ca.crl`.
 fn write_crl(dir: &std::path::Path) {
+    write_crl_valid_for(dir, "-crlhours", "1");
+}
+
+/// Writes the device CA's CRL whose nextUpdate is the given `openssl ca`
+/// period option and value after now, such as ("-crlsec", "2").
+fn write_crl_valid_for(dir: &std::path::Path, period: &str, value: &str) {
     let pem = dir.join("device-ca.crl.pem");
     openssl_ca(&[
         "-gencrl",
-        "-crlhours",
-        "1",
+        period,
+        value,
         "-out",
         pem.to_str().expect("path"),
     ]);
@@ -272,8 +278,15 @@ struct CrlServer {
 
 impl CrlServer {
     fn start(dir: &std::path::Path) -> CrlServer {
+        CrlServer::start_on(dir, 0)
+    }
+
+    /// Serves `dir` on `port`, or on a free port when it is 0.
+    fn start_on(dir: &std::path::Path, port: u16) -> CrlServer {
         let mut child = Command::new("python3")
-            .args(["-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "-d"])
+            .args(["-u", "-m", "http.server"])
+            .arg(port.to_string())
+            .args(["--bind", "127.0.0.1", "-d"])
             .arg(dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -444,4 +457,118 @@ async fn resumption_does_not_bypass_revocation() {
         Err(e) => e,
     };
     assert_code(&ending, Code::CertificateRevoked);
+}
+
+/// Fetches GET /v1/ready over the admin socket: (HTTP status, body).
+async fn readiness(socket: &std::path::Path) -> (u16, serde_json::Value) {
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "-w",
+            "\n%{http_code}",
+            "--unix-socket",
+        ])
+        .arg(socket)
+        .arg("http://localhost/v1/ready")
+        .output()
+        .await
+        .expect("curl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, code) = text.rsplit_once('\n').expect("status line");
+    (
+        code.trim().parse().expect("HTTP status"),
+        serde_json::from_str(body).expect("readiness JSON"),
+    )
+}
+
+/// Polls readiness until its `ready` field equals `ready`, for at most 30 s,
+/// and returns the last body.
+async fn wait_for_readiness(socket: &std::path::Path, ready: bool) -> (u16, serde_json::Value) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut interval = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        interval.tick().await;
+        let (status, body) = readiness(socket).await;
+        if body["ready"] == ready {
+            return (status, body);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readiness did not become {ready} within 30 s: {status} {body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn readiness_follows_crl_staleness() {
+    let crl_dir = tempfile::tempdir().expect("dir");
+    write_crl(crl_dir.path());
+    let server = CrlServer::start(crl_dir.path());
+    let upstream = echo_server("127.0.0.1:0").await;
+    let run = tempfile::tempdir().expect("run dir");
+    let socket = run.path().join("admin.sock");
+    let cas = format!(
+        "{}stale_grace_secs = 0\non_stale = \"admit\"\n",
+        crl_cas(server.port)
+    );
+    let (_cfg, config) = write_config_with_cas(
+        "127.0.0.1:0",
+        &[any_device_app(upstream)],
+        &cas,
+        &format!("[admin]\nsocket_path = \"{}\"\n", socket.display()),
+    );
+    let gateway = ztgate::gateway::Gateway::start(&config)
+        .await
+        .expect("gateway");
+
+    let (status, body) = wait_for_readiness(&socket, true).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["revocation_sources"][0]["stale"], false, "{body}");
+    let fetch = || async {
+        gateway
+            .shared()
+            .crl
+            .refresh_now(None)
+            .await
+            .into_iter()
+            .map(|report| report.result.map(|_| ()))
+            .collect::<Vec<_>>()
+    };
+
+    // A CRL whose nextUpdate passes 4 s after it was made is fetched, then
+    // the server stops serving: the source goes stale and stays stale.
+    write_crl_valid_for(crl_dir.path(), "-crlsec", "4");
+    let fetched = fetch().await;
+    assert!(fetched.iter().all(Result::is_ok), "{fetched:?}");
+    let port = server.port;
+    drop(server);
+    let (status, body) = wait_for_readiness(&socket, false).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["revocation_sources"][0]["stale"], true, "{body}");
+    let failed = fetch().await;
+    assert!(failed.iter().all(Result::is_err), "{failed:?}");
+    let (status, body) = readiness(&socket).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["revocation_sources"][0]["last_error"].is_string(),
+        "{body}"
+    );
+
+    // The server is back with a fresh CRL: after a successful fetch the
+    // gateway is ready again.
+    write_crl(crl_dir.path());
+    let _server = CrlServer::start_on(crl_dir.path(), port);
+    let fetched = fetch().await;
+    assert!(fetched.iter().all(Result::is_ok), "{fetched:?}");
+    let (status, body) = wait_for_readiness(&socket, true).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["revocation_sources"][0]["stale"], false, "{body}");
+    gateway.shutdown().await;
 }

@@ -196,14 +196,22 @@ fn toml_syntax_error_names_the_line() {
     assert!(text.contains("line 2"), "{text}");
 }
 
-#[test]
-fn world_readable_private_key_is_refused() {
-    use std::os::unix::fs::PermissionsExt;
+/// Copies the development gateway key into a new directory, lets `prepare`
+/// change the copy, and writes a config that uses it. Returns the key
+/// directory, the config directory, the key path and the config path.
+fn config_with_key_copy(
+    prepare: impl FnOnce(&std::path::Path),
+) -> (
+    tempfile::TempDir,
+    tempfile::TempDir,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
     let dir = tempfile::tempdir().expect("dir");
     let key = dir.path().join("gateway.key");
     std::fs::copy(pki().join("gateway.key"), &key).expect("copy key");
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-    let (_cfg_dir, path) = write_config(
+    prepare(&key);
+    let (cfg_dir, path) = write_config(
         "127.0.0.1:0",
         &[App::wiki("127.0.0.1:9".parse().expect("addr"))],
         "",
@@ -214,6 +222,15 @@ fn world_readable_private_key_is_refused() {
         &key.display().to_string(),
     );
     std::fs::write(&path, text).expect("write");
+    (dir, cfg_dir, key, path)
+}
+
+#[test]
+fn world_readable_private_key_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_dir, _cfg_dir, key, path) = config_with_key_copy(|key| {
+        std::fs::set_permissions(key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    });
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ztgate"))
         .args(["serve", "--config"])
         .arg(&path)
@@ -224,7 +241,145 @@ fn world_readable_private_key_is_refused() {
     assert!(stderr.contains("gateway.private_key"), "{stderr}");
     assert!(stderr.contains("mode 0644"), "{stderr}");
     assert!(
-        stderr.contains(&format!("chmod 600 {}", key.display())),
+        stderr.contains(&format!("chmod 0600 {}", key.display())),
         "{stderr}"
     );
+}
+
+#[test]
+fn foreign_owned_private_key_is_refused() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to give the key file to another user");
+        return;
+    }
+    let (_dir, _cfg_dir, key, path) = config_with_key_copy(|key| {
+        nix::unistd::chown(key, Some(nix::unistd::Uid::from_raw(65534)), None).expect("chown");
+    });
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ztgate"))
+        .args(["check-config"])
+        .arg(&path)
+        .output()
+        .expect("run check-config");
+    assert_eq!(out.status.code(), Some(2), "check-config rejects the key");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("gateway.private_key"), "{stderr}");
+    assert!(stderr.contains("(uid 65534)"), "{stderr}");
+    assert!(stderr.contains("(uid 0)"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("chown root:root {}", key.display())),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("chmod 0600 {}", key.display())),
+        "{stderr}"
+    );
+}
+
+/// Reads `path` until it contains `marker`, for at most 30 s.
+fn wait_for_file_text(path: &std::path::Path, marker: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(marker) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {marker:?} in {} within 30 s:\n{text}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn secrets_stay_out_of_logs_and_check_config() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("dir");
+    let token = "tok-9f8e7d6c5b4a39281706f5e4d3c2b1a0";
+    let token_file = dir.path().join("admin.token");
+    std::fs::write(&token_file, format!("{token}\n")).expect("token");
+    let reset_secret = "reset-5d41402abc4b2a76b9719d911017c592aa";
+    let reset_file = dir.path().join("reset.key");
+    std::fs::write(&reset_file, reset_secret).expect("reset key");
+    for file in [&token_file, &reset_file] {
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
+    let (_cfg, config) = write_config_with(
+        "127.0.0.1:0",
+        &[App::wiki("127.0.0.1:9".parse().expect("addr"))],
+        &format!("reset_key_file = \"{}\"\ndrain_secs = 1", reset_file.display()),
+        &format!(
+            "[log]\nlevel = \"trace\"\n\n[admin]\ntcp_address = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
+            token_file.display()
+        ),
+    );
+    // Every line of the PEM body of the gateway key, which a leak would print.
+    let key_pem = std::fs::read_to_string(pki().join("gateway.key")).expect("key");
+    let key_lines: Vec<&str> = key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----") && l.len() > 16)
+        .collect();
+    assert!(!key_lines.is_empty());
+
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_ztgate"))
+        .arg("check-config")
+        .arg(&config)
+        .output()
+        .expect("run check-config");
+    assert!(check.status.success(), "{check:?}");
+
+    let log = dir.path().join("serve.log");
+    let log_file = std::fs::File::create(&log).expect("log file");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ztgate"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(log_file.try_clone().expect("clone"))
+        .stderr(log_file)
+        .spawn()
+        .expect("spawn serve");
+    let text = wait_for_file_text(&log, "admin API listening on TCP");
+    let address = text
+        .lines()
+        .find(|l| l.contains("admin API listening on TCP"))
+        .and_then(|l| l.split("address=").nth(1))
+        .map(|a| a.split_whitespace().next().unwrap_or_default().to_string())
+        .expect("admin address in the log");
+    let curl = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-H"])
+        .arg(format!("authorization: Bearer {token}"))
+        .arg(format!("http://{address}/v1/sessions"))
+        .output()
+        .expect("curl");
+    assert!(curl.status.success(), "{curl:?}");
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let status = child.wait().expect("serve exits");
+    assert!(status.success(), "serve exit: {status}");
+    let logged = std::fs::read_to_string(&log).expect("read log");
+    assert!(logged.contains("gateway stopped"), "{logged}");
+
+    let outputs = [
+        (
+            "check-config stdout",
+            String::from_utf8_lossy(&check.stdout).to_string(),
+        ),
+        (
+            "check-config stderr",
+            String::from_utf8_lossy(&check.stderr).to_string(),
+        ),
+        ("serve log", logged),
+    ];
+    for (name, text) in &outputs {
+        assert!(!text.contains(token), "{name} contains the admin token");
+        assert!(
+            !text.contains(reset_secret),
+            "{name} contains the reset key"
+        );
+        for line in &key_lines {
+            assert!(!text.contains(line), "{name} contains the gateway key");
+        }
+    }
 }

@@ -7,7 +7,6 @@ mod common;
 use common::*;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -17,33 +16,6 @@ const TLS_LISTEN: &str = "listen_tls = [\"127.0.0.1:0\"]";
 
 async fn tls_gateway(apps: &[App], extra: &str) -> TestGateway {
     TestGateway::start_with("127.0.0.1:0", apps, TLS_LISTEN, extra).await
-}
-
-/// A rustls client config for a PKI device, offering `alpn`.
-fn device_tls(device: &str, alpn: &[&str]) -> Arc<rustls::ClientConfig> {
-    let pki = pki();
-    let mut config = ztgate::client::client_tls_config(
-        &pki.join(format!("{device}-chain.pem")),
-        &pki.join(format!("{device}.key")),
-        &pki.join("root-ca.pem"),
-    )
-    .expect("client TLS config");
-    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-    Arc::new(config)
-}
-
-async fn tls_connect(
-    addr: SocketAddr,
-    device: &str,
-    server_name: &str,
-) -> std::io::Result<TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect(addr).await?;
-    let connector = tokio_rustls::TlsConnector::from(device_tls(device, &[]));
-    let name = rustls::pki_types::ServerName::try_from(server_name.to_string())
-        .map_err(std::io::Error::other)?;
-    tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
-        .await
-        .map_err(|_| std::io::Error::other("TLS handshake timed out"))?
 }
 
 /// Reads until EOF or an error, bounded in time.

@@ -6,7 +6,6 @@ use ring::digest::{digest, SHA256};
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use subtle::ConstantTimeEq;
 
@@ -140,26 +139,20 @@ pub(super) fn resolve_group(spec: &str) -> io::Result<u32> {
     }
 }
 
-/// Reads a bearer token file. Rejects a file that group or others may read
-/// or write, an empty token, a token shorter than 16 bytes, and a token with
-/// whitespace or control characters. Surrounding whitespace is ignored.
+/// Reads a bearer token file. Rejects a file that another user owns or that
+/// group or others may read or write, an empty token, a token shorter than
+/// 16 bytes, and a token with whitespace or control characters. Surrounding
+/// whitespace is ignored.
 pub fn read_token_file(path: &Path) -> io::Result<String> {
     let invalid = |message: String| io::Error::new(io::ErrorKind::InvalidInput, message);
-    let metadata = std::fs::metadata(path).map_err(|e| {
+    std::fs::metadata(path).map_err(|e| {
         io::Error::new(
             e.kind(),
             format!("cannot read admin token file {}: {e}", path.display()),
         )
     })?;
-    let mode = metadata.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(invalid(format!(
-            "admin token file {} has mode {mode:04o}, so group or others can read or change \
-             it; run: chmod 600 {}",
-            path.display(),
-            path.display()
-        )));
-    }
+    crate::config::check_secret_file(path)
+        .map_err(|e| invalid(format!("admin token file rejected: {e}")))?;
     let text = std::fs::read_to_string(path).map_err(|e| {
         io::Error::new(
             e.kind(),

@@ -158,7 +158,7 @@ pub fn client_tls_config(
     if chain.is_empty() {
         return Err(format!("{} contains no PEM certificate", cert.display()));
     }
-    crate::config::check_secret_file_mode(key)?;
+    crate::config::check_secret_file(key)?;
     let key_der = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| format!("cannot read a private key from {}: {e}", key.display()))?;
     let mut roots = rustls::RootCertStore::empty();

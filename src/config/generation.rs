@@ -1,15 +1,16 @@
 //! One immutable, validated config generation and the handle that swaps it.
 
-use super::load::{load_generation, ConfigErrors};
+use super::load::{load_generation, load_generation_within, ConfigErrors};
 use crate::forward::Upstream;
 use crate::identity::TrustStore;
 use crate::policy::PolicyClient;
+use crate::sandbox::PathRules;
 use arc_swap::ArcSwap;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -125,6 +126,9 @@ pub struct Generation {
     pub watched_files: Vec<PathBuf>,
     /// Revocation sources and rules of each device CA.
     pub revocation: Vec<crate::identity::revocation::CaRevocationConfig>,
+    pub sandbox: crate::sandbox::SandboxSettings,
+    /// Every file system path the config names, with its key and access.
+    pub paths: Vec<crate::sandbox::ConfigPath>,
 }
 
 impl std::fmt::Debug for Generation {
@@ -161,6 +165,8 @@ pub struct ConfigHandle {
     next_id: AtomicU64,
     changed: watch::Sender<u64>,
     reload_lock: tokio::sync::Mutex<()>,
+    /// The sandbox rules in force, once `ztgate serve` has applied them.
+    sandbox: OnceLock<Arc<PathRules>>,
 }
 
 impl ConfigHandle {
@@ -174,11 +180,18 @@ impl ConfigHandle {
             next_id: AtomicU64::new(2),
             changed,
             reload_lock: tokio::sync::Mutex::new(()),
+            sandbox: OnceLock::new(),
         }))
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Records the sandbox rules in force, against which every reload checks
+    /// the paths its config names. Only the first call has an effect.
+    pub fn set_sandbox_rules(&self, rules: PathRules) {
+        let _ = self.sandbox.set(Arc::new(rules));
     }
 
     /// The generation in force now.
@@ -198,15 +211,18 @@ impl ConfigHandle {
         let _serial = self.reload_lock.lock().await;
         let id = self.next_id.load(Ordering::Relaxed);
         let path = self.path.clone();
-        let loaded = tokio::task::spawn_blocking(move || load_generation(&path, id))
-            .await
-            .map_err(|e| {
-                ConfigErrors(vec![super::ConfigError {
-                    file: self.path.clone(),
-                    key: String::new(),
-                    message: format!("reload task failed: {e}"),
-                }])
-            })?;
+        let sandbox = self.sandbox.get().cloned();
+        let loaded = tokio::task::spawn_blocking(move || {
+            load_generation_within(&path, id, sandbox.as_deref())
+        })
+        .await
+        .map_err(|e| {
+            ConfigErrors(vec![super::ConfigError {
+                file: self.path.clone(),
+                key: String::new(),
+                message: format!("reload task failed: {e}"),
+            }])
+        })?;
         match loaded {
             Ok(generation) => {
                 self.next_id.store(id + 1, Ordering::Relaxed);
@@ -225,6 +241,11 @@ impl ConfigHandle {
                 {
                     tracing::warn!(
                         "gateway.reset_key_file or gateway.min_reset_interval_ms changed; stateless reset settings take effect only after a restart"
+                    );
+                }
+                if old.sandbox != generation.sandbox {
+                    tracing::warn!(
+                        "the [sandbox] table changed; the sandbox settings take effect only after a restart"
                     );
                 }
                 if old.log_level != generation.log_level {

@@ -73,6 +73,17 @@ impl Collector {
 /// Loads, validates and builds a generation from `path`. `id` numbers the
 /// generation. Errors list every problem found, each with the file and key.
 pub fn load_generation(path: &Path, id: u64) -> Result<Generation, ConfigErrors> {
+    load_generation_within(path, id, None)
+}
+
+/// Like [`load_generation`], and when `sandbox` holds the rules in force,
+/// first rejects every path the config names outside them, so that a reload
+/// fails with the key and the fix instead of a permission error.
+pub fn load_generation_within(
+    path: &Path,
+    id: u64,
+    sandbox: Option<&crate::sandbox::PathRules>,
+) -> Result<Generation, ConfigErrors> {
     let mut c = Collector {
         file: path.to_path_buf(),
         errors: Vec::new(),
@@ -89,7 +100,16 @@ pub fn load_generation(path: &Path, id: u64) -> Result<Generation, ConfigErrors>
         None => return Err(ConfigErrors(c.errors)),
     };
     let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-    let built = build(raw, &base, id, path, &mut c);
+    let paths = super::paths::config_paths(&raw, &base);
+    if let Some(rules) = sandbox {
+        for (key, message) in rules.violations(&paths) {
+            c.push(key, message);
+        }
+        if !c.errors.is_empty() {
+            return Err(ConfigErrors(c.errors));
+        }
+    }
+    let built = build(raw, &base, id, path, paths, &mut c);
     match built {
         Some(generation) if c.errors.is_empty() => Ok(generation),
         _ => Err(ConfigErrors(c.errors)),
@@ -145,7 +165,7 @@ fn format_path(path: &serde_ignored::Path<'_>) -> String {
     }
 }
 
-fn resolve(base: &Path, file: &str) -> PathBuf {
+pub(super) fn resolve(base: &Path, file: &str) -> PathBuf {
     let p = Path::new(file);
     if p.is_absolute() {
         p.to_path_buf()
@@ -184,24 +204,8 @@ fn read_certs(c: &mut Collector, key: &str, path: &Path) -> Vec<CertificateDer<'
     certs
 }
 
-/// Refuses private key files that group or others can read.
-pub(crate) fn check_secret_file_mode(path: &Path) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta =
-        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "{} is readable by group or others (mode {mode:04o}); run `chmod 600 {}`",
-            path.display(),
-            path.display()
-        ));
-    }
-    Ok(())
-}
-
 fn read_key(c: &mut Collector, key: &str, path: &Path) -> Option<PrivateKeyDer<'static>> {
-    if let Err(e) = check_secret_file_mode(path) {
+    if let Err(e) = super::secret_file::check_secret_file(path) {
         c.push(key, e);
         return None;
     }
@@ -222,7 +226,7 @@ const MIN_RESET_KEY_BYTES: usize = 32;
 
 fn read_reset_key(c: &mut Collector, path: &Path) -> Option<ResetKey> {
     const KEY: &str = "gateway.reset_key_file";
-    if let Err(e) = check_secret_file_mode(path) {
+    if let Err(e) = super::secret_file::check_secret_file(path) {
         c.push(KEY, e);
         return None;
     }
@@ -270,6 +274,7 @@ fn build(
     base: &Path,
     id: u64,
     source: &Path,
+    paths: Vec<crate::sandbox::ConfigPath>,
     c: &mut Collector,
 ) -> Option<Generation> {
     // Listeners.
@@ -693,6 +698,8 @@ fn build(
             files
         },
         revocation: revocation_configs(c, base, &raw.device_cas, &cas)?,
+        sandbox: sandbox_settings(c, base, &raw.sandbox)?,
+        paths,
         audit: match raw.log.audit.as_str() {
             "stderr" => crate::telemetry::AuditSink::Stderr,
             "off" => crate::telemetry::AuditSink::Off,
@@ -1020,6 +1027,12 @@ fn admin_settings(
         token_file: raw.token_file.as_deref().map(|p| resolve(base, p)),
         ..Default::default()
     };
+    if let Some(file) = &settings.token_file {
+        if let Err(e) = super::secret_file::check_secret_file(file) {
+            c.push("admin.token_file", e);
+            return None;
+        }
+    }
     if let Some(addr) = &raw.tcp_address {
         match addr.parse::<SocketAddr>() {
             Ok(a) if a.ip().is_loopback() => settings.tcp_address = Some(a),
@@ -1040,6 +1053,50 @@ fn admin_settings(
         }
     }
     Some(settings)
+}
+
+fn sandbox_settings(
+    c: &mut Collector,
+    base: &Path,
+    raw: &super::schema::RawSandbox,
+) -> Option<crate::sandbox::SandboxSettings> {
+    use crate::sandbox::LandlockMode;
+    let errors_before = c.errors.len();
+    let landlock = match raw.landlock.as_deref() {
+        None => LandlockMode::Auto,
+        Some(value) => LandlockMode::parse(value).unwrap_or_else(|| {
+            c.push(
+                "sandbox.landlock",
+                format!("{value:?} is not \"auto\", \"required\" or \"off\""),
+            );
+            LandlockMode::Auto
+        }),
+    };
+    let mut lists = [
+        ("extra_read_paths", &raw.extra_read_paths, Vec::new()),
+        ("extra_write_paths", &raw.extra_write_paths, Vec::new()),
+    ];
+    for (field, values, out) in &mut lists {
+        for (j, value) in values.iter().enumerate() {
+            let path = resolve(base, value);
+            if !path.exists() {
+                c.push(
+                    format!("sandbox.{field}[{j}]"),
+                    format!(
+                        "{} does not exist; create it or remove it from the list, because the sandbox can only allow paths that exist when the gateway starts",
+                        path.display()
+                    ),
+                );
+            }
+            out.push(path);
+        }
+    }
+    let [(_, _, extra_read_paths), (_, _, extra_write_paths)] = lists;
+    (c.errors.len() == errors_before).then_some(crate::sandbox::SandboxSettings {
+        landlock,
+        extra_read_paths,
+        extra_write_paths,
+    })
 }
 
 fn revocation_configs(

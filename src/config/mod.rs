@@ -4,8 +4,10 @@
 
 mod generation;
 mod load;
+mod paths;
 pub mod schema;
+mod secret_file;
 
 pub use generation::{Application, ConfigHandle, Generation, Limits, ResetKey, Timeouts};
-pub(crate) use load::check_secret_file_mode;
-pub use load::{load_generation, ConfigError, ConfigErrors};
+pub use load::{load_generation, load_generation_within, ConfigError, ConfigErrors};
+pub(crate) use secret_file::check_secret_file;

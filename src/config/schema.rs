@@ -21,6 +21,8 @@ pub struct RawConfig {
     pub admin: RawAdmin,
     #[serde(default)]
     pub metrics: RawMetrics,
+    #[serde(default)]
+    pub sandbox: RawSandbox,
     #[serde(default, rename = "device_ca")]
     pub device_cas: Vec<RawDeviceCa>,
     #[serde(default, rename = "application")]
@@ -298,6 +300,19 @@ pub struct RawOcsp {
 pub struct RawMetrics {
     /// Address to serve `GET /metrics` on, such as "127.0.0.1:9190".
     pub listen: Option<String>,
+}
+
+/// The gateway's own Landlock sandbox.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawSandbox {
+    /// "auto" (the default), "required" or "off".
+    pub landlock: Option<String>,
+    /// Files or directory trees the gateway may read besides those the config names.
+    #[serde(default)]
+    pub extra_read_paths: Vec<String>,
+    /// Files or directory trees the gateway may read and write.
+    #[serde(default)]
+    pub extra_write_paths: Vec<String>,
 }
 
 /// The local admin API.

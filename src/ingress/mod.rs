@@ -3,6 +3,7 @@
 
 mod control;
 pub mod duplex;
+mod listeners;
 pub mod path;
 pub mod quic;
 pub mod tls;
@@ -10,6 +11,7 @@ mod tls_config;
 pub mod udp;
 
 pub use control::ControlWriter;
+pub use listeners::{inherited_sockets, open_listeners, InheritedSocket, Listeners};
 pub use quic::{bind_quic, QuicIngress};
 pub use tls::{bind_tls, TlsIngress};
 pub use tls_config::server_tls_config;

@@ -96,21 +96,18 @@ fn endpoint_config(generation: &Generation) -> quinn::EndpointConfig {
     config
 }
 
-/// Binds one endpoint per configured listen address.
-pub fn bind_quic(shared: &Arc<Shared>) -> std::io::Result<Vec<QuicIngress>> {
+/// Makes one endpoint per UDP socket, which `open_listeners` opened for the
+/// configured listen addresses. Must run inside a tokio runtime.
+pub fn bind_quic(
+    shared: &Arc<Shared>,
+    sockets: Vec<std::net::UdpSocket>,
+) -> std::io::Result<Vec<QuicIngress>> {
     let generation = shared.config.current();
     let token_key = handshake_token_key();
     let mut out = Vec::new();
-    for addr in &generation.listen {
+    for socket in sockets {
         let (config, _) =
             server_config(&generation, shared, &token_key).map_err(std::io::Error::other)?;
-        let buffers = super::udp::UdpBuffers {
-            receive: generation.udp_buffers.receive,
-            send: generation.udp_buffers.send,
-        };
-        let socket = super::udp::bind_udp(*addr, buffers).map_err(|e| {
-            std::io::Error::new(e.kind(), format!("cannot listen on UDP {addr}: {e}"))
-        })?;
         let endpoint = quinn::Endpoint::new(
             endpoint_config(&generation),
             Some(config),

@@ -41,14 +41,12 @@ pub struct TlsIngress {
     pub local_addr: SocketAddr,
 }
 
-/// Binds one TCP listener per configured `listen_tls` address.
-pub fn bind_tls(shared: &Arc<Shared>) -> std::io::Result<Vec<TlsIngress>> {
-    let generation = shared.config.current();
+/// Makes one TLS listener per TCP socket, which `open_listeners` opened for
+/// the configured `listen_tls` addresses. Must run inside a tokio runtime.
+pub fn bind_tls(sockets: Vec<std::net::TcpListener>) -> std::io::Result<Vec<TlsIngress>> {
     let mut out = Vec::new();
-    for addr in &generation.listen_tls {
-        let listener = bind_tcp(*addr).map_err(|e| {
-            std::io::Error::new(e.kind(), format!("cannot listen on TCP {addr}: {e}"))
-        })?;
+    for socket in sockets {
+        let listener = TcpListener::from_std(socket)?;
         let local_addr = listener.local_addr()?;
         info!(%local_addr, "TLS listener started");
         out.push(TlsIngress {
@@ -57,20 +55,6 @@ pub fn bind_tls(shared: &Arc<Shared>) -> std::io::Result<Vec<TlsIngress>> {
         });
     }
     Ok(out)
-}
-
-/// Binds a TCP listener; an unspecified IPv6 address also accepts IPv4.
-fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    if addr.is_ipv6() && addr.ip().is_unspecified() {
-        socket.set_only_v6(false)?;
-    }
-    socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    TcpListener::from_std(socket.into())
 }
 
 impl TlsIngress {

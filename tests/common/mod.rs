@@ -194,6 +194,34 @@ impl TestGateway {
     }
 }
 
+/// A rustls client config for a PKI device, offering `alpn`.
+pub fn device_tls(device: &str, alpn: &[&str]) -> Arc<rustls::ClientConfig> {
+    let pki = pki();
+    let mut config = ztgate::client::client_tls_config(
+        &pki.join(format!("{device}-chain.pem")),
+        &pki.join(format!("{device}.key")),
+        &pki.join("root-ca.pem"),
+    )
+    .expect("client TLS config");
+    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    Arc::new(config)
+}
+
+/// Opens a TLS-over-TCP connection as a PKI device, bounded in time.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    device: &str,
+    server_name: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let connector = tokio_rustls::TlsConnector::from(device_tls(device, &[]));
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string())
+        .map_err(std::io::Error::other)?;
+    tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
+        .await
+        .map_err(|_| std::io::Error::other("TLS handshake timed out"))?
+}
+
 /// A device client for the named PKI device, e.g. "DEV-0001".
 pub fn device_client(gateway: SocketAddr, device: &str, server_name: &str) -> Client {
     let pki = pki();

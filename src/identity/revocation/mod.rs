@@ -26,7 +26,7 @@ mod verdict;
 #[cfg(test)]
 mod tests;
 
-pub use push::{PushTarget, PushedRevocation, STATE_FILE_NAME};
+pub use push::{create_state_dir, PushTarget, PushedRevocation, STATE_FILE_NAME};
 pub use settings::{
     CaRevocationConfig, Clock, Depth, ManualClock, NoCrlPolicy, RevocationSettings, StalePolicy,
     SystemClock,

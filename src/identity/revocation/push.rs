@@ -297,7 +297,7 @@ fn temp_path(path: &Path) -> PathBuf {
 }
 
 /// Creates the state directory with mode 0700 when it is missing.
-fn create_state_dir(dir: &Path) -> Result<(), String> {
+pub fn create_state_dir(dir: &Path) -> Result<(), String> {
     if dir.is_dir() {
         return Ok(());
     }
