@@ -25,6 +25,7 @@ pub mod policy;
 pub mod protocol;
 pub mod session;
 pub mod telemetry;
+pub mod tuning;
 
 /// Installs ring as the process-wide rustls crypto provider. Safe to call
 /// more than once.
