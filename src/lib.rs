@@ -26,6 +26,7 @@ pub mod protocol;
 pub mod sandbox;
 pub mod session;
 pub mod telemetry;
+pub mod tuning;
 
 /// Installs ring as the process-wide rustls crypto provider. Safe to call
 /// more than once.

@@ -6,11 +6,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use ztgate::client::defaults as client_defaults;
 use ztgate::client::{run_connect, ConnectOptions, TransportChoice};
 use ztgate::config::ConfigHandle;
 use ztgate::gateway::Gateway;
 use ztgate::ingress::{inherited_sockets, open_listeners};
 use ztgate::sandbox;
+use ztgate::ingress::udp::UdpBuffers;
+use ztgate::tuning::{build_runtime, CongestionController, QuicTuning};
 
 #[derive(Parser)]
 #[command(
@@ -78,6 +81,8 @@ enum Command {
         /// QUIC idle timeout this client advertises, in seconds; the smaller of both sides' values applies.
         #[arg(long, default_value_t = 60)]
         idle_timeout_secs: u64,
+        #[command(flatten)]
+        tuning: ConnectTuning,
     },
     /// Validate a config file and report every error.
     CheckConfig {
@@ -86,6 +91,42 @@ enum Command {
     },
     #[command(flatten)]
     Admin(ztgate::admin::client::AdminCommand),
+}
+
+/// Data-path settings of `ztgate connect`; docs/tuning.md gives their
+/// measured effect.
+#[derive(clap::Args)]
+struct ConnectTuning {
+    /// QUIC congestion controller for the data this client sends: cubic, newreno or bbr (experimental in quinn).
+    #[arg(long, default_value = "cubic", value_parser = CongestionController::parse)]
+    congestion_controller: CongestionController,
+    /// Generic segmentation offload (several QUIC datagrams per sendmsg): true or false.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    gso: bool,
+    /// QUIC flow-control window of each stream, in bytes.
+    #[arg(long, default_value_t = client_defaults::STREAM_RECEIVE_WINDOW, value_parser = clap::value_parser!(u64).range(1024..=(1 << 62) - 1))]
+    stream_receive_window: u64,
+    /// QUIC flow-control window of the whole connection, in bytes.
+    #[arg(long, default_value_t = client_defaults::RECEIVE_WINDOW, value_parser = clap::value_parser!(u64).range(1024..=(1 << 62) - 1))]
+    receive_window: u64,
+    /// Unacknowledged bytes QUIC keeps buffered for sending, in bytes.
+    #[arg(long, default_value_t = client_defaults::SEND_WINDOW, value_parser = clap::value_parser!(u64).range(1024..))]
+    send_window: u64,
+    /// Ack-eliciting packets the gateway may receive before it must acknowledge (QUIC ACK_FREQUENCY extension, 0 to 64); unset leaves the extension off.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=64))]
+    ack_eliciting_threshold: Option<u32>,
+    /// Receive buffer of the UDP socket, in bytes (capped by net.core.rmem_max).
+    #[arg(long, default_value_t = client_defaults::UDP_BUFFER)]
+    udp_receive_buffer_bytes: usize,
+    /// Send buffer of the UDP socket, in bytes (capped by net.core.wmem_max).
+    #[arg(long, default_value_t = client_defaults::UDP_BUFFER)]
+    udp_send_buffer_bytes: usize,
+    /// Size of each read from a local TCP connection or a TLS-over-TCP tunnel, in bytes.
+    #[arg(long, default_value_t = client_defaults::COPY_BUFFER as u64, value_parser = clap::value_parser!(u64).range(1024..=16 * 1024 * 1024))]
+    copy_buffer_bytes: u64,
+    /// Tokio worker threads; 0 for one per CPU core. One QUIC connection's packets are all built by one quinn task, so more workers add hand-offs between threads but no speed.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=1024))]
+    worker_threads: u64,
 }
 
 fn main() -> ExitCode {
@@ -130,6 +171,7 @@ fn main() -> ExitCode {
             max_backoff_secs,
             keep_alive_secs,
             idle_timeout_secs,
+            tuning,
         } => {
             if std::env::var_os("RUST_LOG").is_some() {
                 ztgate::telemetry::init("warn", "text", &ztgate::telemetry::AuditSink::Off);
@@ -151,9 +193,22 @@ fn main() -> ExitCode {
                 quic: ztgate::client::QuicOptions {
                     keep_alive: Duration::from_secs(keep_alive_secs.max(1)),
                     idle_timeout: Duration::from_secs(idle_timeout_secs.max(1)),
+                    tuning: QuicTuning {
+                        congestion_controller: tuning.congestion_controller,
+                        gso: tuning.gso,
+                        stream_receive_window: tuning.stream_receive_window,
+                        receive_window: tuning.receive_window,
+                        send_window: tuning.send_window,
+                        ack_eliciting_threshold: tuning.ack_eliciting_threshold,
+                    },
+                    udp_buffers: UdpBuffers {
+                        receive: tuning.udp_receive_buffer_bytes,
+                        send: tuning.udp_send_buffer_bytes,
+                    },
                 },
+                copy_buffer: tuning.copy_buffer_bytes as usize,
             };
-            let runtime = match tokio::runtime::Runtime::new() {
+            let runtime = match build_runtime(tuning.worker_threads as usize) {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("ztgate connect: cannot start the runtime: {e}");
@@ -200,16 +255,15 @@ fn serve(config: PathBuf) -> ExitCode {
     };
     // Read before the sandbox: the standard library reads the CPU quota
     // from /proc/self/cgroup and /sys/fs/cgroup, which the sandbox denies.
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = match generation.worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
     if let Err(e) = apply_sandbox(&handle, &generation) {
         return start_failed(&e);
     }
     drop(generation);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-    {
+    let runtime = match build_runtime(workers) {
         Ok(r) => r,
         Err(e) => return start_failed(&format!("cannot start the runtime: {e}")),
     };

@@ -19,22 +19,7 @@ async fn echo_round_trip(gateway_bind: &str, upstream_bind: &str) {
         tunnel.admitted.device_id,
         "spiffe://example.test/device/DEV-0001"
     );
-
-    let (mut send, mut recv) = tunnel.open_stream().await.expect("open stream");
-    let data = pattern(8 * 1024 * 1024, 7);
-    let expected = data.clone();
-    let writer = tokio::spawn(async move {
-        send.write_all(&data).await.expect("write");
-        send.finish().expect("finish");
-    });
-    let received =
-        tokio::time::timeout(Duration::from_secs(60), recv.read_to_end(64 * 1024 * 1024))
-            .await
-            .expect("echo within 60 s")
-            .expect("read to end");
-    writer.await.expect("writer");
-    assert_eq!(received.len(), expected.len());
-    assert!(received == expected, "echoed bytes differ");
+    echo_through(&tunnel, 8 * 1024 * 1024).await;
 }
 
 #[tokio::test]

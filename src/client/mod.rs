@@ -5,7 +5,9 @@ pub mod netwatch;
 mod run;
 mod tls;
 
+use crate::ingress::udp::{bind_udp, log_udp_report, UdpBuffers};
 use crate::protocol::{self, Admitted, Code, ControlMessage, ControlReader};
+use crate::tuning::{CongestionController, QuicTuning};
 use quinn::crypto::rustls::QuicClientConfig;
 pub use run::{run_connect, ConnectOptions, TransportChoice};
 use rustls::pki_types::pem::PemObject;
@@ -109,16 +111,32 @@ pub struct Client {
     server_name: String,
     /// The address the endpoint's sockets bind to; a rebind takes a new port.
     bind: SocketAddr,
+    udp_buffers: UdpBuffers,
 }
 
-/// QUIC timers of the client side.
-#[derive(Debug, Clone, Copy)]
+/// QUIC settings of the client side.
+#[derive(Debug, Clone)]
 pub struct QuicOptions {
     /// Interval of keep-alive (PING) packets on an idle connection, so NAT
     /// and carrier mappings stay open.
     pub keep_alive: Duration,
     /// Idle timeout the client advertises; QUIC uses the smaller of both sides'.
     pub idle_timeout: Duration,
+    /// Congestion controller, GSO, flow-control windows and acknowledgement
+    /// frequency. The client sends the upload direction, so its congestion
+    /// controller and send path set that direction's throughput.
+    pub tuning: QuicTuning,
+    /// Receive and send buffer sizes of the client's UDP sockets.
+    pub udp_buffers: UdpBuffers,
+}
+
+/// The client's default flow-control windows and buffers, in bytes.
+pub mod defaults {
+    pub const STREAM_RECEIVE_WINDOW: u64 = 8 * 1024 * 1024;
+    pub const RECEIVE_WINDOW: u64 = 16 * 1024 * 1024;
+    pub const SEND_WINDOW: u64 = 16 * 1024 * 1024;
+    pub const UDP_BUFFER: usize = 4 * 1024 * 1024;
+    pub const COPY_BUFFER: usize = 64 * 1024;
 }
 
 impl Default for QuicOptions {
@@ -126,15 +144,21 @@ impl Default for QuicOptions {
         QuicOptions {
             keep_alive: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            tuning: QuicTuning {
+                congestion_controller: CongestionController::default(),
+                gso: true,
+                stream_receive_window: defaults::STREAM_RECEIVE_WINDOW,
+                receive_window: defaults::RECEIVE_WINDOW,
+                send_window: defaults::SEND_WINDOW,
+                ack_eliciting_threshold: None,
+            },
+            udp_buffers: UdpBuffers {
+                receive: defaults::UDP_BUFFER,
+                send: defaults::UDP_BUFFER,
+            },
         }
     }
 }
-
-/// Receive and send buffer sizes of the client's UDP sockets.
-const CLIENT_UDP_BUFFERS: crate::ingress::udp::UdpBuffers = crate::ingress::udp::UdpBuffers {
-    receive: 4 * 1024 * 1024,
-    send: 4 * 1024 * 1024,
-};
 
 /// An admitted connection.
 pub struct Tunnel {
@@ -215,21 +239,20 @@ impl Client {
         let crypto = QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
+        options.tuning.apply(&mut transport);
         transport
             .keep_alive_interval(Some(options.keep_alive))
             .max_idle_timeout(quinn::IdleTimeout::try_from(options.idle_timeout).ok())
             .max_concurrent_uni_streams(1u32.into())
-            .max_concurrent_bidi_streams(0u32.into())
-            .stream_receive_window(quinn::VarInt::from_u32(8 * 1024 * 1024))
-            .receive_window(quinn::VarInt::from_u32(16 * 1024 * 1024))
-            .send_window(16 * 1024 * 1024);
+            .max_concurrent_bidi_streams(0u32.into());
         config.transport_config(Arc::new(transport));
         let bind = bind.unwrap_or_else(|| match gateway {
             SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
             SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
         });
-        let socket = crate::ingress::udp::bind_udp(bind, CLIENT_UDP_BUFFERS)
+        let socket = bind_udp(bind, options.udp_buffers)
             .map_err(|e| format!("cannot bind a UDP socket on {bind}: {e}"))?;
+        log_udp_report(&socket, options.udp_buffers, options.tuning.gso);
         let mut endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             None,
@@ -243,6 +266,7 @@ impl Client {
             gateway,
             server_name: server_name.to_string(),
             bind,
+            udp_buffers: options.udp_buffers,
         })
     }
 
@@ -261,7 +285,7 @@ impl Client {
     /// and the gateway validates the new path. Returns the new local address.
     pub fn rebind(&self) -> Result<SocketAddr, String> {
         let addr = SocketAddr::new(self.bind.ip(), 0);
-        let socket = crate::ingress::udp::bind_udp(addr, CLIENT_UDP_BUFFERS)
+        let socket = bind_udp(addr, self.udp_buffers)
             .map_err(|e| format!("cannot bind a new UDP socket on {addr}: {e}"))?;
         let local = socket
             .local_addr()

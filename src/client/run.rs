@@ -45,6 +45,9 @@ pub struct ConnectOptions {
     pub quic_timeout: Duration,
     pub max_backoff: Duration,
     pub quic: super::QuicOptions,
+    /// Read size of each copy between a local TCP connection and the
+    /// tunnel, and of the buffered reads of a TLS-over-TCP tunnel, in bytes.
+    pub copy_buffer: usize,
 }
 
 /// The transport for new local connections.
@@ -105,6 +108,7 @@ pub async fn run_connect(options: ConnectOptions) -> Result<(), String> {
                 addr,
                 &options.app,
                 options.connect_timeout,
+                options.copy_buffer,
             )?))
         }
     };
@@ -120,7 +124,7 @@ pub async fn run_connect(options: ConnectOptions) -> Result<(), String> {
                 gateway,
                 &options.app,
                 None,
-                options.quic,
+                options.quic.clone(),
             )?))
         }
     };
@@ -141,7 +145,12 @@ pub async fn run_connect(options: ConnectOptions) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let (route_tx, route_rx) = watch::channel::<Option<Route>>(None);
-    tokio::spawn(accept_local(listener, route_rx, dialer.clone()));
+    tokio::spawn(accept_local(
+        listener,
+        route_rx,
+        dialer.clone(),
+        options.copy_buffer,
+    ));
 
     let Some(client) = client else {
         route_tx.send_replace(Some(Route::Tls));
@@ -288,6 +297,7 @@ async fn accept_local(
     listener: TcpListener,
     route: watch::Receiver<Option<Route>>,
     dialer: Option<Arc<TlsDialer>>,
+    copy_buffer: usize,
 ) {
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -312,15 +322,24 @@ async fn accept_local(
             })
             .await;
             match (wait.ok().flatten(), dialer) {
-                (Some(Route::Quic(connection)), _) => forward_quic(tcp, peer, &connection).await,
-                (Some(Route::Tls), Some(dialer)) => forward_tls(tcp, peer, &dialer).await,
+                (Some(Route::Quic(connection)), _) => {
+                    forward_quic(tcp, peer, &connection, copy_buffer).await
+                }
+                (Some(Route::Tls), Some(dialer)) => {
+                    forward_tls(tcp, peer, &dialer, copy_buffer).await
+                }
                 _ => tracing::warn!(%peer, "no tunnel to the gateway; local connection dropped"),
             }
         });
     }
 }
 
-async fn forward_quic(tcp: TcpStream, peer: SocketAddr, connection: &quinn::Connection) {
+async fn forward_quic(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    connection: &quinn::Connection,
+    copy_buffer: usize,
+) {
     match open_stream(connection).await {
         Ok((send, recv)) => {
             let (end, stats) = pump(
@@ -330,7 +349,7 @@ async fn forward_quic(tcp: TcpStream, peer: SocketAddr, connection: &quinn::Conn
                 ResetCodes {
                     tcp_reset: Code::UpstreamReset.into(),
                 },
-                64 * 1024,
+                copy_buffer,
             )
             .await;
             tracing::debug!(%peer, ?end, to_gateway = stats.to_tcp, from_gateway = stats.to_stream, "local connection ended");
@@ -339,7 +358,7 @@ async fn forward_quic(tcp: TcpStream, peer: SocketAddr, connection: &quinn::Conn
     }
 }
 
-async fn forward_tls(mut tcp: TcpStream, peer: SocketAddr, dialer: &TlsDialer) {
+async fn forward_tls(mut tcp: TcpStream, peer: SocketAddr, dialer: &TlsDialer, copy_buffer: usize) {
     let mut tls = match dialer.dial().await {
         Ok(tls) => tls,
         Err(e) => {
@@ -348,10 +367,10 @@ async fn forward_tls(mut tcp: TcpStream, peer: SocketAddr, dialer: &TlsDialer) {
             return;
         }
     };
-    let (end, stats) = copy_duplex(&mut tcp, &mut tls, 64 * 1024).await;
+    let (end, stats) = copy_duplex(&mut tcp, &mut tls, copy_buffer).await;
     if let DuplexEnd::Aborted { .. } = &end {
         reset_on_close(&tcp);
-        reset_on_close(tls.get_ref().0);
+        reset_on_close(tls.get_ref().0.get_ref());
     }
     tracing::debug!(%peer, ?end, to_gateway = stats.first_to_second, from_gateway = stats.second_to_first, "local connection ended");
 }
@@ -380,7 +399,10 @@ async fn run_stdio(
     let dialer = dialer.ok_or("no transport to the gateway")?;
     let mut tls = dialer.dial().await?;
     let mut stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
-    match copy_duplex(&mut stdio, &mut tls, 64 * 1024).await.0 {
+    match copy_duplex(&mut stdio, &mut tls, options.copy_buffer)
+        .await
+        .0
+    {
         DuplexEnd::Finished => Ok(()),
         DuplexEnd::Aborted { error, .. } => Err(format!("tunnel failed: {error}")),
     }

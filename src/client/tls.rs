@@ -6,8 +6,14 @@ use rustls::pki_types::ServerName;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::BufReader;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
+
+/// A client TLS-over-TCP tunnel. rustls reads at most 4 KiB per call
+/// (`read_tls` in rustls 0.23), so the TCP side is read through a buffer
+/// that takes one large read per system call instead.
+pub type TlsTunnel = TlsStream<BufReader<TcpStream>>;
 
 /// Opens TLS-over-TCP tunnels to one application. Every tunnel shares one
 /// rustls config, and so one session cache: after the first, each
@@ -17,17 +23,20 @@ pub struct TlsDialer {
     gateway: SocketAddr,
     server_name: ServerName<'static>,
     timeout: Duration,
+    read_buffer: usize,
 }
 
 impl TlsDialer {
     /// Builds a dialer from the QUIC client's TLS config: the same device
     /// certificate and CA, no ALPN (the TLS ingress carries the
     /// application's own protocol), and a session cache of its own.
+    /// `read_buffer` is the size of each TCP read, in bytes.
     pub fn new(
         quic_tls: &rustls::ClientConfig,
         gateway: SocketAddr,
         server_name: &str,
         timeout: Duration,
+        read_buffer: usize,
     ) -> Result<TlsDialer, String> {
         let mut config = quic_tls.clone();
         config.alpn_protocols = Vec::new();
@@ -39,6 +48,7 @@ impl TlsDialer {
             gateway,
             server_name,
             timeout,
+            read_buffer,
         })
     }
 
@@ -47,12 +57,13 @@ impl TlsDialer {
     }
 
     /// Connects and completes the handshake within the dialer's timeout.
-    pub async fn dial(&self) -> Result<TlsStream<TcpStream>, String> {
+    pub async fn dial(&self) -> Result<TlsTunnel, String> {
         let attempt = async {
             let tcp = TcpStream::connect(self.gateway)
                 .await
                 .map_err(|e| format!("cannot connect to {} over TCP: {e}", self.gateway))?;
             let _ = tcp.set_nodelay(true);
+            let tcp = BufReader::with_capacity(self.read_buffer, tcp);
             self.connector
                 .connect(self.server_name.clone(), tcp)
                 .await

@@ -44,9 +44,6 @@ pub struct Timeouts {
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_streams_per_connection: u32,
-    pub stream_receive_window: u64,
-    pub connection_receive_window: u64,
-    pub send_window: u64,
     pub max_connections: u32,
     pub max_connections_per_source: u32,
     pub max_connections_per_device: u32,
@@ -106,6 +103,12 @@ pub struct Generation {
     pub policy: Arc<dyn PolicyClient>,
     pub hardware_bound_oid: Option<String>,
     pub udp_buffers: crate::ingress::udp::UdpBuffers,
+    /// QUIC transport settings from `[gateway]` and `[limits]`: congestion
+    /// controller, GSO, flow-control windows and acknowledgement frequency.
+    pub quic: crate::tuning::QuicTuning,
+    /// Tokio worker threads (`gateway.worker_threads`, 0 for one per core).
+    /// Read when the process starts; a reload does not change it.
+    pub worker_threads: usize,
     /// Stateless reset key, derived from `gateway.reset_key_file`; `None`
     /// when the file is not configured.
     pub reset_key: Option<ResetKey>,

@@ -8,6 +8,7 @@ use crate::policy::{
     AccessRules, BuiltinPolicy, CachedPolicy, OpaPolicy, OpaSettings, PolicyClient, RegoPolicy,
     ShadowPolicy,
 };
+use crate::tuning::CongestionController;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::collections::{HashMap, HashSet};
@@ -16,6 +17,14 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Largest `gateway.worker_threads`. It is far above the core count of any
+/// machine ztgate targets, so it only catches typing errors.
+const MAX_WORKER_THREADS: usize = 1024;
+
+/// Largest `limits.ack_eliciting_threshold`. A sender's congestion window
+/// grows only as ACKs arrive, so much larger values stall it.
+const MAX_ACK_ELICITING_THRESHOLD: u32 = 64;
 
 /// One problem in a config file.
 #[derive(Debug, Clone)]
@@ -409,6 +418,32 @@ fn build(
             "must not exceed limits.connection_receive_window",
         );
     }
+    let congestion_controller = match CongestionController::parse(&g.congestion_controller) {
+        Ok(controller) => controller,
+        Err(message) => {
+            c.push("gateway.congestion_controller", message);
+            CongestionController::default()
+        }
+    };
+    if g.worker_threads > MAX_WORKER_THREADS {
+        c.push(
+            "gateway.worker_threads",
+            format!(
+                "{} is out of range; use 0 (one per CPU core) or a count from 1 to {MAX_WORKER_THREADS}",
+                g.worker_threads
+            ),
+        );
+    }
+    if let Some(threshold) = l.ack_eliciting_threshold {
+        if threshold > MAX_ACK_ELICITING_THRESHOLD {
+            c.push(
+                "limits.ack_eliciting_threshold",
+                format!(
+                    "{threshold} is out of range; use a packet count from 0 to {MAX_ACK_ELICITING_THRESHOLD}, or leave it unset to keep the ACK_FREQUENCY extension off"
+                ),
+            );
+        }
+    }
 
     // Identity.
     let hardware_bound_oid = raw.identity.hardware_bound_oid.clone();
@@ -638,6 +673,15 @@ fn build(
             receive: g.udp_receive_buffer_bytes,
             send: g.udp_send_buffer_bytes,
         },
+        quic: crate::tuning::QuicTuning {
+            congestion_controller,
+            gso: g.gso,
+            stream_receive_window: l.stream_receive_window,
+            receive_window: l.connection_receive_window,
+            send_window: l.send_window,
+            ack_eliciting_threshold: l.ack_eliciting_threshold,
+        },
+        worker_threads: g.worker_threads,
         reset_key,
         min_reset_interval: Duration::from_millis(g.min_reset_interval_ms),
         timeouts: Timeouts {
@@ -656,9 +700,6 @@ fn build(
         },
         limits: Limits {
             max_streams_per_connection: l.max_streams_per_connection,
-            stream_receive_window: l.stream_receive_window,
-            connection_receive_window: l.connection_receive_window,
-            send_window: l.send_window,
             max_connections: l.max_connections,
             max_connections_per_source: l.max_connections_per_source,
             max_connections_per_device: l.max_connections_per_device,

@@ -64,6 +64,15 @@ pub struct RawGateway {
     pub reset_key_file: Option<String>,
     #[serde(default = "defaults::min_reset_interval_ms")]
     pub min_reset_interval_ms: u64,
+    /// QUIC congestion controller: "cubic", "newreno" or "bbr".
+    #[serde(default = "defaults::congestion_controller")]
+    pub congestion_controller: String,
+    /// Generic segmentation offload on the QUIC sockets.
+    #[serde(default = "defaults::gso")]
+    pub gso: bool,
+    /// Tokio worker threads; 0 for one per CPU core. Read at start only.
+    #[serde(default)]
+    pub worker_threads: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -86,6 +95,10 @@ pub struct RawLimits {
     pub upstream_connect_timeout_ms: u64,
     #[serde(default = "defaults::copy_buffer")]
     pub copy_buffer_bytes: usize,
+    /// Ack-eliciting packets a peer may receive before it must acknowledge,
+    /// requested with the QUIC ACK_FREQUENCY extension; unset leaves it off.
+    #[serde(default)]
+    pub ack_eliciting_threshold: Option<u32>,
 }
 
 impl Default for RawLimits {
@@ -100,6 +113,7 @@ impl Default for RawLimits {
             max_connections_per_device: defaults::max_per_device(),
             upstream_connect_timeout_ms: defaults::upstream_connect_timeout_ms(),
             copy_buffer_bytes: defaults::copy_buffer(),
+            ack_eliciting_threshold: None,
         }
     }
 }
@@ -363,6 +377,12 @@ pub mod defaults {
     /// quinn's own default (`EndpointConfig::min_reset_interval`).
     pub fn min_reset_interval_ms() -> u64 {
         20
+    }
+    pub fn congestion_controller() -> String {
+        "cubic".to_string()
+    }
+    pub fn gso() -> bool {
+        true
     }
     pub fn admission_timeout_ms() -> u64 {
         5_000

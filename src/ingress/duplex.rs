@@ -3,6 +3,7 @@
 //! one direction (EOF, or close_notify on TLS) shuts down the writing side of
 //! the other stream and leaves the opposite direction open.
 
+use futures_util::FutureExt;
 use std::io;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -48,8 +49,15 @@ where
 {
     let mut buf = vec![0u8; buffer.max(1024)];
     let mut total = 0u64;
+    // An error or EOF found while gathering, reported after the gathered
+    // bytes are written: a TCP reset is reported by one read only.
+    let mut pending: Option<io::Result<usize>> = None;
     loop {
-        let n = match from.read(&mut buf).await {
+        let first = match pending.take() {
+            Some(result) => result,
+            None => from.read(&mut buf).await,
+        };
+        let n = match first {
             Ok(0) => {
                 return match to.shutdown().await {
                     Ok(()) => Half::Done(total),
@@ -59,7 +67,7 @@ where
                     Err(e) => Half::Failed(to_side, e, total),
                 };
             }
-            Ok(n) => n,
+            Ok(n) => gather(from, &mut buf, n, &mut pending),
             Err(e) => return Half::Failed(from_side, e, total),
         };
         // Flush after every write: a TLS stream may keep records buffered
@@ -73,6 +81,37 @@ where
         }
         total += n as u64;
     }
+}
+
+/// Appends to `buf[..filled]` whatever `from` returns without waiting, and
+/// returns the new fill level. A TLS stream returns one record (at most
+/// 16 KiB) per read, so gathering the records already received lets one
+/// write carry them all. An EOF or error ends the gathering and is kept in
+/// `pending` for the next round.
+fn gather<R>(
+    from: &mut R,
+    buf: &mut [u8],
+    mut filled: usize,
+    pending: &mut Option<io::Result<usize>>,
+) -> usize
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
+    while filled < buf.len() {
+        match from.read(&mut buf[filled..]).now_or_never() {
+            Some(Ok(0)) => {
+                *pending = Some(Ok(0));
+                break;
+            }
+            Some(Ok(n)) => filled += n,
+            Some(Err(e)) => {
+                *pending = Some(Err(e));
+                break;
+            }
+            None => break,
+        }
+    }
+    filled
 }
 
 /// Copies until both directions end or one fails. `buffer` is the read size

@@ -32,20 +32,14 @@ fn transport_config(generation: &Generation) -> quinn::TransportConfig {
     let l = &generation.limits;
     let t = &generation.timeouts;
     let mut transport = quinn::TransportConfig::default();
+    generation.quic.apply(&mut transport);
     transport
         .max_concurrent_bidi_streams(l.max_streams_per_connection.into())
         .max_concurrent_uni_streams(0u32.into())
         .datagram_receive_buffer_size(None)
-        .stream_receive_window(varint(l.stream_receive_window))
-        .receive_window(varint(l.connection_receive_window))
-        .send_window(l.send_window)
         .max_idle_timeout(quinn::IdleTimeout::try_from(t.idle).ok())
         .keep_alive_interval(Some(t.keep_alive));
     transport
-}
-
-fn varint(value: u64) -> quinn::VarInt {
-    quinn::VarInt::from_u64(value).unwrap_or(quinn::VarInt::MAX)
 }
 
 fn handshake_token_key() -> Arc<dyn quinn::crypto::HandshakeTokenKey> {
@@ -108,6 +102,7 @@ pub fn bind_quic(
     for socket in sockets {
         let (config, _) =
             server_config(&generation, shared, &token_key).map_err(std::io::Error::other)?;
+        super::udp::log_udp_report(&socket, generation.udp_buffers, generation.quic.gso);
         let endpoint = quinn::Endpoint::new(
             endpoint_config(&generation),
             Some(config),

@@ -26,6 +26,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
+use tokio::io::BufReader;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
@@ -112,8 +113,13 @@ struct HandshakeFailure {
     error: std::io::Error,
 }
 
+/// A server TLS-over-TCP tunnel. rustls reads at most 4 KiB per call
+/// (`read_tls` in rustls 0.23), so the TCP side is read through a buffer
+/// that takes one large read per system call instead.
+type TlsTunnel = TlsStream<BufReader<TcpStream>>;
+
 struct Handshake {
-    stream: TlsStream<TcpStream>,
+    stream: TlsTunnel,
     sni: Option<String>,
     outcome: Arc<Mutex<HandshakeOutcome>>,
 }
@@ -123,6 +129,7 @@ async fn handshake(
     generation: &Generation,
     shared: &Shared,
 ) -> Result<Handshake, HandshakeFailure> {
+    let tcp = BufReader::with_capacity(generation.limits.copy_buffer_bytes, tcp);
     let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
         .await
         .map_err(|error| HandshakeFailure {
@@ -246,7 +253,7 @@ fn log_handshake_failure(shared: &Shared, remote: SocketAddr, failure: &Handshak
 }
 
 async fn run_admitted(
-    mut stream: TlsStream<TcpStream>,
+    mut stream: TlsTunnel,
     chain: Vec<CertificateDer<'static>>,
     sni: Option<String>,
     remote: SocketAddr,
@@ -304,7 +311,7 @@ async fn run_admitted(
         Ok(tcp) => tcp,
         Err(e) => {
             warn!(upstream = %application.upstream.display(), error = %e, "upstream unreachable; connection reset");
-            reset_on_close(stream.get_ref().0);
+            reset_on_close(stream.get_ref().0.get_ref());
             return;
         }
     };
@@ -370,7 +377,7 @@ async fn run_admitted(
                     };
                     info!(aborted_by = by, error = %error, bytes_to_upstream = up, bytes_to_client = down, duration_ms, "session ended abruptly; both connections reset");
                     reset_on_close(&upstream);
-                    reset_on_close(stream.get_ref().0);
+                    reset_on_close(stream.get_ref().0.get_ref());
                 }
             }
         }
@@ -393,7 +400,7 @@ fn log_refusal(shared: &Shared, remote: SocketAddr, resumed: bool, refused: &Ref
 }
 
 /// Sends close_notify and shuts down the TCP write side, within a bound.
-async fn close_notify(stream: &mut TlsStream<TcpStream>) {
+async fn close_notify(stream: &mut TlsTunnel) {
     if tokio::time::timeout(CLOSE_NOTIFY_LIMIT, stream.shutdown())
         .await
         .is_err()

@@ -196,13 +196,7 @@ impl TestGateway {
 
 /// A rustls client config for a PKI device, offering `alpn`.
 pub fn device_tls(device: &str, alpn: &[&str]) -> Arc<rustls::ClientConfig> {
-    let pki = pki();
-    let mut config = ztgate::client::client_tls_config(
-        &pki.join(format!("{device}-chain.pem")),
-        &pki.join(format!("{device}.key")),
-        &pki.join("root-ca.pem"),
-    )
-    .expect("client TLS config");
+    let mut config = device_tls_config(device);
     config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     Arc::new(config)
 }
@@ -222,15 +216,20 @@ pub async fn tls_connect(
         .map_err(|_| std::io::Error::other("TLS handshake timed out"))?
 }
 
-/// A device client for the named PKI device, e.g. "DEV-0001".
-pub fn device_client(gateway: SocketAddr, device: &str, server_name: &str) -> Client {
+/// The rustls client config of the named PKI device, e.g. "DEV-0001".
+pub fn device_tls_config(device: &str) -> rustls::ClientConfig {
     let pki = pki();
-    let tls = client_tls_config(
+    client_tls_config(
         &pki.join(format!("{device}-chain.pem")),
         &pki.join(format!("{device}.key")),
         &pki.join("root-ca.pem"),
     )
-    .expect("client TLS config");
+    .expect("client TLS config")
+}
+
+/// A device client for the named PKI device, e.g. "DEV-0001".
+pub fn device_client(gateway: SocketAddr, device: &str, server_name: &str) -> Client {
+    let tls = device_tls_config(device);
     let bind: SocketAddr = if gateway.is_ipv4() {
         "127.0.0.1:0".parse().expect("addr")
     } else {
@@ -310,6 +309,25 @@ pub async fn connect(gateway: SocketAddr, device: &str, server_name: &str) -> (C
         .await
         .unwrap_or_else(|e| panic!("{device} should be admitted: {e:?}"));
     (client, tunnel)
+}
+
+/// Sends `len` bytes on a new stream of `tunnel` to an echo upstream and
+/// checks that the same bytes come back, within 60 s.
+pub async fn echo_through(tunnel: &Tunnel, len: usize) {
+    let (mut send, mut recv) = tunnel.open_stream().await.expect("open stream");
+    let data = pattern(len, 7);
+    let expected = data.clone();
+    let writer = tokio::spawn(async move {
+        send.write_all(&data).await.expect("write");
+        send.finish().expect("finish");
+    });
+    let received = tokio::time::timeout(Duration::from_secs(60), recv.read_to_end(len * 2))
+        .await
+        .expect("echo within 60 s")
+        .expect("read to end");
+    writer.await.expect("writer");
+    assert_eq!(received.len(), expected.len());
+    assert!(received == expected, "echoed bytes differ");
 }
 
 /// A TCP echo server: echoes every byte and half-closes after the client does.
