@@ -92,7 +92,7 @@ mod tests {
         let upstream = Upstream::parse(&addr, Duration::from_secs(5)).expect("upstream");
         let limiter = DialLimiter::default();
         // Hold the only slot, as a dial in progress would.
-        let held = limiter
+        let occupied_slot = limiter
             .semaphore("wiki", 1)
             .try_acquire_owned()
             .expect("free slot");
@@ -104,7 +104,7 @@ mod tests {
             matches!(result, Err(DialError::Busy { max: 1, .. })),
             "{result:?}"
         );
-        drop(held);
+        drop(occupied_slot);
         let result = limiter
             .dial("wiki", &upstream, 1, Duration::from_millis(50))
             .await;
@@ -120,7 +120,7 @@ mod tests {
         let addr = listener.local_addr().expect("addr").to_string();
         let upstream = Upstream::parse(&addr, Duration::from_secs(5)).expect("upstream");
         let limiter = DialLimiter::default();
-        let _held = limiter
+        let _occupied_slot = limiter
             .semaphore("wiki", 1)
             .try_acquire_owned()
             .expect("free slot");
