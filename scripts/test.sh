@@ -8,7 +8,10 @@
 # for the network namespace test), which needs root and apt-get. Then it
 # builds every target in release mode and runs `cargo test --release --locked ARGS...`,
 # so `bash scripts/test.sh quic -- --nocapture` runs only the tests whose names contain
-# "quic" and shows their output. Exits with cargo's status.
+# "quic" and shows their output. Without ARGS it then runs the fuzz smoke test,
+# `scripts/fuzz.sh` in its seed-corpus mode (every fuzz target over fuzz/seeds with a
+# development PKI, a few seconds on the release build). Exits with the first failure's
+# status.
 
 set -Eeuo pipefail
 
@@ -56,6 +59,9 @@ main() {
     cd -- "$REPO"
     cargo build --release --locked --all-targets
     cargo test --release --locked "$@"
+    if (($# == 0)); then
+        FUZZ_MODE=seeds bash scripts/fuzz.sh
+    fi
 }
 
 main "$@"

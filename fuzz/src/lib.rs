@@ -5,15 +5,17 @@
 //! Each function takes arbitrary bytes. Besides "no panic", it asserts the
 //! invariants named in its documentation, so a fuzzer also finds wrong results.
 
+use rustls_pki_types::CertificateDer;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, ReadBuf};
+use ztgate::identity::crl::{
+    parse_crl, serial_bytes_from_hex, split_crl_file, CrlChecks, CrlSigner,
+};
 use ztgate::identity::device::validate_spiffe_id;
-use ztgate::identity::crl::{parse_crl, serial_bytes_from_hex, split_crl_file, CrlChecks, CrlSigner};
 use ztgate::identity::{extract_identity, summarize_certificate, IdentityError};
-use rustls_pki_types::CertificateDer;
 use ztgate::protocol::{
     self, parse_preamble, ControlMessage, ControlReader, WireError, PROTOCOL_VERSION,
 };
