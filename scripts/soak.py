@@ -11,10 +11,10 @@ pass, it:
 - sends SIGUSR1 to one client, so it rebinds to a new UDP port (a
   migration), while its transfers run;
 - stops and restarts one client, which closes and opens its QUIC connection;
-- every third cycle issues a fresh device certificate, opens a tunnel with it,
-  revokes it in the CA database, publishes a new CRL and pushes the
-  revocation through the admin API, and measures how long the session
-  outlives the push;
+- every third cycle issues a fresh device certificate and opens a tunnel
+  with it. Then it revokes the certificate in the CA database, publishes a
+  new CRL, pushes the revocation through the admin API, and measures how
+  long the session outlives the push;
 - every fourth cycle edits the policy data and sends SIGHUP;
 - every fifth cycle stops the OCSP responder and restarts it one cycle later
   on the same port.
@@ -356,6 +356,7 @@ allow_any_device = true
         return send_signal
 
     def revoke_victim(self):
+        """Issues a certificate for a new device, tunnels with it, revokes it and times the close."""
         self.victims += 1
         name = f"SOAK-{self.victims:04d}"
         ext = os.path.join(self.work, f"{name}.ext")
@@ -373,12 +374,14 @@ allow_any_device = true
             file.write(open(pem).read() + open(f"{self.pki}/device-ca.pem").read())
         self.start_client(name, chain, key)
         self.traffic([name])
+
         device = f"spiffe://example.test/device/{name}"
         if not any(s["device"] == device for s in self.sessions()):
             self.failures.append(f"{name}: no live session before its revocation")
         self.openssl("ca", "-batch", "-config", f"{self.pki}/ca/ca.cnf", "-name", "device_ca",
                      "-revoke", pem, "-crl_reason", "keyCompromise")
         self.publish_crl()
+
         digest = hashlib.sha256(cert_der(pem)).hexdigest()
         pushed = time.monotonic()
         subprocess.run([self.args.ztgate, "revoke", "--cert-sha256", digest, "--reason", "soak",
