@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 
-/// The flood's source addresses: 127.0.0.2 to 127.0.0.9.
+/// Lists the flood's source addresses: 127.0.0.2 to 127.0.0.9.
 fn flood_sources() -> impl Iterator<Item = IpAddr> {
     (2..=9u8).map(|last| IpAddr::from([127, 0, 0, last]))
 }
@@ -68,7 +68,7 @@ fn is_retry(datagram: &[u8]) -> bool {
     datagram.len() > 5 && datagram[0] & 0xf0 == 0xf0 && datagram[1..5] == [0, 0, 0, 1]
 }
 
-/// The resident set size of process `pid`, in KiB.
+/// Reads the resident set size of process `pid`, in KiB.
 fn vm_rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
     status
@@ -180,7 +180,7 @@ async fn flood_tls(gateway: SocketAddr, per_source: usize, early: Duration) -> u
 }
 
 #[tokio::test]
-async fn flood_answered_with_retry_while_device_is_admitted() {
+async fn flood_gets_retry_device_admitted() {
     const PER_SOURCE_INITIALS: usize = 250;
     const PER_SOURCE_TCP: usize = 30;
     let upstream = echo_server("127.0.0.1:0").await;
@@ -210,8 +210,8 @@ async fn flood_answered_with_retry_while_device_is_admitted() {
     let listen_until = Instant::now() + Duration::from_secs(8);
     let quic_flood = tokio::spawn(flood_quic(quic, PER_SOURCE_INITIALS, listen_until));
     let tls_flood = tokio::spawn(flood_tls(tls, PER_SOURCE_TCP, Duration::from_millis(1500)));
-    // The device connects while both floods run, and sees a Retry itself
-    // once the flood holds 16 handshakes pending.
+    // The device connects while both floods run, and receives a Retry
+    // itself once the flood holds 16 handshakes pending.
     echo_through(quic, "DEV-0001", 256 * 1024, 2).await;
     let retries = quic_flood.await.expect("QUIC flood");
     let closed_early = tls_flood.await.expect("TLS flood");

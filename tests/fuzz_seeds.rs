@@ -7,13 +7,17 @@
 #[path = "../fuzz/src/lib.rs"]
 mod ztgate_fuzz;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-fn run_seeds(target: &str, check: fn(&[u8])) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+fn seed_dir(target: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fuzz")
         .join("seeds")
-        .join(target);
+        .join(target)
+}
+
+fn run_seeds(target: &str, check: fn(&[u8])) {
+    let dir = seed_dir(target);
     let entries = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("cannot read the seed directory {}: {e}", dir.display()));
     let mut count = 0;
@@ -68,10 +72,7 @@ fn ocsp_response_seeds() {
 /// Checks that some seeds pass every check, which they do only while
 /// fuzz/fixtures matches the key that signed them.
 fn assert_seeds_pass_signature(target: &str, accepted: fn(&[u8]) -> usize) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz")
-        .join("seeds")
-        .join(target);
+    let dir = seed_dir(target);
     let mut total = 0;
     for entry in std::fs::read_dir(&dir).expect("list seeds") {
         let path = entry.expect("seed entry").path();

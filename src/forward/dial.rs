@@ -83,13 +83,19 @@ impl DialLimiter {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn full_cap_waits_then_reports_busy() {
+    /// A loopback listener, kept open by the caller, and an upstream for it.
+    async fn listening_upstream() -> (tokio::net::TcpListener, Upstream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
         let upstream = Upstream::parse(&addr, Duration::from_secs(5)).expect("upstream");
+        (listener, upstream)
+    }
+
+    #[tokio::test]
+    async fn full_cap_waits_then_reports_busy() {
+        let (_listener, upstream) = listening_upstream().await;
         let limiter = DialLimiter::default();
         // Hold the only slot, as a dial in progress would.
         let occupied_slot = limiter
@@ -114,11 +120,7 @@ mod tests {
 
     #[tokio::test]
     async fn other_application_has_its_own_cap() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr").to_string();
-        let upstream = Upstream::parse(&addr, Duration::from_secs(5)).expect("upstream");
+        let (_listener, upstream) = listening_upstream().await;
         let limiter = DialLimiter::default();
         let _occupied_slot = limiter
             .semaphore("wiki", 1)

@@ -107,8 +107,9 @@ pub struct Shared {
     /// is resumed only on the transport it was made on.
     pub tls_session_cache: Arc<dyn rustls::server::StoresServerSessions>,
     pub refusal_log: PerSourceLimiter,
-    /// Rate limit of upstream-busy log lines, per application name.
-    pub dial_log: PerSourceLimiter<String>,
+    /// Rate limit of load-shedding log lines, keyed by what was shed: Retry
+    /// packets by reason, upstream-busy resets by application name.
+    pub shed_log: PerSourceLimiter<String>,
     /// The OCSP client and its cache, kept across reloads.
     pub ocsp: crate::identity::ocsp::OcspChecker,
     /// Posture attributes pushed through the admin API.
@@ -139,7 +140,7 @@ impl Shared {
             session_cache: rustls::server::ServerSessionMemoryCache::new(16 * 1024),
             tls_session_cache: rustls::server::ServerSessionMemoryCache::new(16 * 1024),
             refusal_log: PerSourceLimiter::new(20, Duration::from_secs(10)),
-            dial_log: PerSourceLimiter::new(5, Duration::from_secs(10)),
+            shed_log: PerSourceLimiter::new(5, Duration::from_secs(10)),
             handshake_rate: HandshakeRateLimiter::default(),
             dials: crate::forward::DialLimiter::default(),
         })

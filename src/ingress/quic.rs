@@ -204,8 +204,8 @@ fn accept_one(
 
 /// Sends a Retry to an unvalidated client while too many QUIC handshakes
 /// are pending, and applies the per-source handshake rate. Returns the
-/// connection when its handshake may start; otherwise the connection was
-/// answered with a Retry or refused.
+/// connection when its handshake may start; otherwise the client was sent
+/// a Retry or the connection was refused.
 fn screen_incoming(
     incoming: quinn::Incoming,
     remote: SocketAddr,
@@ -224,8 +224,8 @@ fn screen_incoming(
     );
     match verdict {
         SourceVerdict::Allowed => Some(incoming),
-        // A spoofed source cannot answer a Retry, so the limit costs it
-        // nothing more than one small packet.
+        // A spoofed source never receives the Retry, so the limit costs the
+        // gateway one small packet per Initial.
         _ if unvalidated => send_retry(incoming, remote, shared, "source-rate"),
         // A validated address is a real peer; while the table of tracked
         // sources is full it is held only to the connection caps.
@@ -245,7 +245,7 @@ fn screen_incoming(
     }
 }
 
-/// Answers with a Retry; `reason` labels the metric. Returns `None`, or the
+/// Sends a Retry; `reason` labels the metric. Returns `None`, or the
 /// connection when quinn would not send a Retry for it.
 fn send_retry(
     incoming: quinn::Incoming,
@@ -257,8 +257,11 @@ fn send_retry(
         Ok(()) => {
             shared.stats.retries_sent.fetch_add(1, Ordering::Relaxed);
             metrics::quic_retry(reason);
-            if let Some(suppressed) = shared.refusal_log.check(remote.ip(), Instant::now()) {
-                debug!(source = %remote, reason, suppressed, "Retry sent to validate the client address");
+            // Keyed by reason, not by source: a spoofed flood has a new
+            // source per packet.
+            let key = format!("retry:{reason}");
+            if let Some(suppressed) = shared.shed_log.check(key, Instant::now()) {
+                info!(source = %remote, reason, suppressed, "Retry sent to validate the client address");
             }
             None
         }
@@ -840,8 +843,8 @@ pub(super) async fn dial_upstream(
                 .fetch_add(1, Ordering::Relaxed);
             metrics::upstream_dial_queued(name, "rejected");
             if shared
-                .dial_log
-                .check(name.to_string(), Instant::now())
+                .shed_log
+                .check(format!("upstream-busy:{name}"), Instant::now())
                 .is_some()
             {
                 warn!(upstream = %application.upstream.display(), error = %e, "upstream dial cap full; stream reset with upstream-busy");
