@@ -14,14 +14,19 @@
 #              by git), crash inputs to fuzz/artifacts/TARGET.
 #   seeds      when nightly or cargo-fuzz cannot be installed: runs every file of
 #              fuzz/seeds/TARGET through the same checks as a regression test on the
-#              default toolchain (`cargo test` in fuzz/). SECONDS is ignored.
+#              default toolchain (the main crate's tests/fuzz_seeds.rs, in release mode,
+#              so it reuses the build of scripts/test.sh). SECONDS is ignored.
 # Set FUZZ_MODE=seeds to force the seeds mode.
 #
 # The config target loads configs whose relative paths point at pki/; this script writes
 # a development PKI with scripts/dev-pki.sh and passes it in ZTGATE_FUZZ_PKI.
 #
 # --make-seeds rewrites fuzz/seeds/ from the project's fixtures: the certificates of
-# scripts/dev-pki.sh and scripts/zoo-pki.sh as DER, encoded control frames and configs.
+# scripts/dev-pki.sh and scripts/zoo-pki.sh as DER, encoded control frames and configs,
+# and CRLs and OCSP responses signed by a fresh development device CA. It also rewrites
+# fuzz/fixtures/, the CA certificate, device certificate, time and nonce that the crl and
+# ocsp_response targets verify against, so that the signed seeds pass their signature
+# check and the fuzzer reaches the checks after it.
 #
 # Needs bash 5, openssl 3 and cargo. Exits 0 when every target ran without a crash, 1 on a
 # crash or failure, 2 on a usage error.
@@ -31,7 +36,7 @@ set -Eeuo pipefail
 REPO=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd -P)
 readonly REPO
 readonly FUZZ_DIR=$REPO/fuzz
-readonly ALL_TARGETS=(identity control_decode control_reader preamble config_load)
+readonly ALL_TARGETS=(identity control_decode control_reader preamble config_load crl ocsp_response)
 
 fail() {
     printf 'fuzz.sh: %s\n' "$*" >&2
@@ -81,6 +86,7 @@ make_seeds() {
             rm -f "$seeds/identity/$name.der"
     done
     printf 'not a certificate' >"$seeds/identity/garbage"
+    make_revocation_seeds "$work/dev" "$seeds" "$work"
 
     local -A bodies=(
         [admitted]='1 {"session_id":7,"application":"wiki","device_id":"spiffe://example.test/device/DEV-0001","expires_in_secs":300}'
@@ -206,6 +212,60 @@ EOF
     printf 'fuzz.sh: wrote %s seed files to %s\n' "$(find "$seeds" -type f | wc -l)" "$seeds"
 }
 
+# Writes CRL and OCSP response seeds signed by the device CA of the development PKI in
+# $1 into $2/crl and $2/ocsp_response, and the fixtures they verify against into
+# fuzz/fixtures. $3 is a scratch directory. Revokes DEV-0001 and DEV-0002 in that PKI.
+make_revocation_seeds() {
+    local pki=$1 seeds=$2 work=$3
+    local fixtures=$FUZZ_DIR/fixtures cnf=$pki/ca/ca.cnf
+    rm -rf -- "$fixtures"
+    mkdir -p "$fixtures" "$seeds/crl" "$seeds/ocsp_response"
+    openssl x509 -in "$pki/device-ca.pem" -outform DER -out "$fixtures/device-ca.der"
+    openssl x509 -in "$pki/DEV-0001.pem" -outform DER -out "$fixtures/DEV-0001.der"
+    date +%s >"$fixtures/made-at"
+
+    # CRLs: none revoked, then two revoked, each as DER and PEM; one from another CA.
+    openssl ca -config "$cnf" -name device_ca -gencrl -crlhours 24 -out "$work/empty.crl.pem" 2>/dev/null
+    openssl ca -config "$cnf" -name device_ca -revoke "$pki/DEV-0002.pem" -crl_reason keyCompromise 2>/dev/null
+    openssl ca -config "$cnf" -name device_ca -revoke "$pki/DEV-0001.pem" -crl_reason superseded 2>/dev/null
+    openssl ca -config "$cnf" -name device_ca -gencrl -crlhours 24 -out "$work/revoked.crl.pem" 2>/dev/null
+    openssl ca -config "$cnf" -name other_ca -gencrl -crlhours 24 -out "$work/other.crl.pem" 2>/dev/null
+    local name
+    for name in empty revoked other; do
+        openssl crl -in "$work/$name.crl.pem" -outform DER -out "$seeds/crl/$name.der"
+    done
+    cp "$work/empty.crl.pem" "$seeds/crl/empty.pem"
+    cat "$work/empty.crl.pem" "$work/revoked.crl.pem" >"$seeds/crl/two-blocks.pem"
+    printf 'not a CRL' >"$seeds/crl/garbage"
+
+    # OCSP responses for DEV-0001 (revoked above) and DEV-0003 (good) with SHA-1 and
+    # SHA-256 CertIDs, signed by the device CA, one request with a nonce.
+    local -a responder=(-index "$pki/ca/device-ca/index.txt" -CA "$pki/device-ca.pem"
+        -rsigner "$pki/device-ca.pem" -rkey "$pki/device-ca.key" -ndays 3650)
+    local device digest
+    for device in DEV-0001 DEV-0003; do
+        for digest in sha1 sha256; do
+            openssl ocsp -issuer "$pki/device-ca.pem" -"$digest" -cert "$pki/$device.pem" \
+                -no_nonce -reqout "$work/req.der" >/dev/null 2>&1
+            openssl ocsp "${responder[@]}" -reqin "$work/req.der" \
+                -respout "$seeds/ocsp_response/$device-$digest.der" >/dev/null 2>&1
+        done
+    done
+    openssl ocsp -issuer "$pki/device-ca.pem" -cert "$pki/DEV-0001.pem" -nonce \
+        -reqout "$work/req.der" >/dev/null 2>&1
+    openssl ocsp "${responder[@]}" -reqin "$work/req.der" \
+        -respout "$seeds/ocsp_response/DEV-0001-nonce.der" >/dev/null 2>&1
+    # The request's nonce extension value, which `-req_text` prints as hex.
+    local hex i
+    hex=$(openssl ocsp -reqin "$work/req.der" -req_text 2>/dev/null |
+        grep -A1 'OCSP Nonce' | tail -n1 | tr -d ' \n')
+    [[ $hex =~ ^([0-9A-Fa-f]{2})+$ ]] || fail "openssl printed no nonce for the OCSP request"
+    for ((i = 0; i < ${#hex}; i += 2)); do
+        byte $((16#${hex:i:2}))
+    done >"$fixtures/ocsp-nonce.der"
+    printf '\x30\x03\x0a\x01\x01' >"$seeds/ocsp_response/malformed-request"
+}
+
 # Prints why libFuzzer mode is unavailable, or nothing when it is available. Installs
 # the nightly toolchain and cargo-fuzz when they are missing.
 prepare_libfuzzer() {
@@ -285,7 +345,7 @@ main() {
         for target in "${targets[@]}"; do
             filters+=("${target}_seeds")
         done
-        (cd -- "$FUZZ_DIR" && cargo test --locked --test seeds -- "${filters[@]}") ||
+        (cd -- "$REPO" && cargo test --release --locked --test fuzz_seeds -- "${filters[@]}") ||
             fail "a seed input failed its check (mode seeds)"
         printf 'fuzz.sh: mode seeds: seed corpus passed for %s\n' "${targets[*]}"
     fi

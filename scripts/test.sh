@@ -10,7 +10,9 @@
 # `cargo test --release --locked ARGS...`, so `bash scripts/test.sh quic -- --nocapture`
 # runs only the tests whose names contain "quic" and shows their output. Without ARGS it
 # then runs `scripts/bench.sh --quick` on the same build, a smoke test of the benchmark
-# setups that does not judge the figures. Exits with the first failing status.
+# setups that does not judge the figures, and the fuzz smoke test, `scripts/fuzz.sh` in its
+# seed-corpus mode (every fuzz target over fuzz/seeds, a few seconds on the release
+# build). Exits with the first failing status.
 
 set -Eeuo pipefail
 
@@ -59,6 +61,7 @@ main() {
     cargo build --release --locked --all-targets
     cargo test --release --locked "$@"
     if (($# == 0)); then
+        FUZZ_MODE=seeds bash scripts/fuzz.sh
         bash scripts/bench.sh --quick
     fi
 }

@@ -10,9 +10,9 @@ use ztgate::client::defaults as client_defaults;
 use ztgate::client::{run_connect, ConnectOptions, TransportChoice};
 use ztgate::config::ConfigHandle;
 use ztgate::gateway::Gateway;
+use ztgate::ingress::udp::UdpBuffers;
 use ztgate::ingress::{inherited_sockets, open_listeners};
 use ztgate::sandbox;
-use ztgate::ingress::udp::UdpBuffers;
 use ztgate::tuning::{build_runtime, CongestionController, QuicTuning};
 
 #[derive(Parser)]

@@ -81,11 +81,17 @@ pub enum Code {
     UpstreamReset = 0x21,
     /// The stream was refused because a per-session limit was reached.
     StreamRefused = 0x22,
+    /// The connection opened new streams faster than
+    /// `limits.streams_per_connection_per_sec` allows.
+    StreamRateLimited = 0x23,
+    /// The application's cap on concurrent upstream dials was full for
+    /// `limits.upstream_dial_wait_ms`.
+    UpstreamBusy = 0x24,
 }
 
 impl Code {
     /// Every code, in numeric order.
-    pub const ALL: [Code; 18] = [
+    pub const ALL: [Code; 20] = [
         Code::NoError,
         Code::InternalError,
         Code::ProtocolViolation,
@@ -104,6 +110,8 @@ impl Code {
         Code::UpstreamUnreachable,
         Code::UpstreamReset,
         Code::StreamRefused,
+        Code::StreamRateLimited,
+        Code::UpstreamBusy,
     ];
 
     pub fn value(self) -> u32 {
@@ -137,6 +145,8 @@ impl Code {
             Code::UpstreamUnreachable => "upstream-unreachable",
             Code::UpstreamReset => "upstream-reset",
             Code::StreamRefused => "stream-refused",
+            Code::StreamRateLimited => "stream-rate-limited",
+            Code::UpstreamBusy => "upstream-busy",
         }
     }
 
@@ -171,6 +181,10 @@ impl Code {
             Code::UpstreamUnreachable => "The application's server could not be reached.",
             Code::UpstreamReset => "The application's server reset the connection.",
             Code::StreamRefused => "The gateway refused a new stream because a limit was reached.",
+            Code::StreamRateLimited => {
+                "This client opened streams faster than the gateway allows; open fewer at once."
+            }
+            Code::UpstreamBusy => "The application's server is busy with other connections; retry shortly.",
         }
     }
 

@@ -1,15 +1,19 @@
 //! The checks behind each fuzz target, shared by the libFuzzer binaries in
-//! `fuzz_targets/` and by `tests/seeds.rs`, which runs the seed corpus and the
-//! saved crash inputs through them on stable Rust.
+//! `fuzz_targets/` and by the main crate's `tests/fuzz_seeds.rs`, which runs
+//! the seed corpus and the saved crash inputs through them on stable Rust.
 //!
 //! Each function takes arbitrary bytes. Besides "no panic", it asserts the
 //! invariants named in its documentation, so a fuzzer also finds wrong results.
 
+use rustls_pki_types::CertificateDer;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, ReadBuf};
+use ztgate::identity::crl::{
+    parse_crl, serial_bytes_from_hex, split_crl_file, CrlChecks, CrlSigner,
+};
 use ztgate::identity::device::validate_spiffe_id;
 use ztgate::identity::{extract_identity, summarize_certificate, IdentityError};
 use ztgate::protocol::{
@@ -269,4 +273,148 @@ pub fn config_load(data: &[u8]) {
             }
         }
     }
+}
+
+/// Fixtures written by `scripts/fuzz.sh --make-seeds` together with the CRL
+/// and OCSP seeds: the device CA certificate whose key signed them, a device
+/// certificate that CA issued, and the Unix time at which they were made.
+/// With them, seeds verify and the fuzzer reaches the checks after the
+/// signature.
+const FIXTURE_CA: &[u8] = include_bytes!("../fixtures/device-ca.der");
+const FIXTURE_LEAF: &[u8] = include_bytes!("../fixtures/DEV-0001.der");
+const FIXTURE_MADE_AT: &str = include_str!("../fixtures/made-at");
+
+/// The nonce that the OCSP seeds made with a nonce carry, as the extension
+/// value (an OCTET STRING of 16 bytes).
+const FIXTURE_NONCE: &[u8] = include_bytes!("../fixtures/ocsp-nonce.der");
+
+/// Clock skew allowed in both checks, in seconds.
+const SKEW_SECS: u64 = 300;
+
+fn fixture_made_at() -> u64 {
+    FIXTURE_MADE_AT
+        .trim()
+        .parse()
+        .expect("fixtures/made-at holds Unix seconds")
+}
+
+fn fixture_leaf_serial() -> Vec<u8> {
+    let summary = summarize_certificate(FIXTURE_LEAF);
+    serial_bytes_from_hex(&summary.serial_hex).expect("the fixture leaf has a serial")
+}
+
+/// Splits `data` as a CRL file (PEM or DER), then decodes, verifies and
+/// indexes each CRL against the fixture device CA.
+///
+/// Invariants for a CRL that passes: thisUpdate is not after nextUpdate nor
+/// more than the skew after the fixture time; the issuer hash is the SHA-256
+/// of the issuer DER; the CRL is the same issue as itself and not newer than
+/// itself; an index lookup gives the same entry for a serial with and
+/// without a redundant leading zero byte.
+pub fn crl(data: &[u8]) {
+    crl_accepted(data);
+}
+
+/// Runs the [`crl`] checks and returns how many CRLs passed them.
+pub fn crl_accepted(data: &[u8]) -> usize {
+    let mut accepted = 0;
+    let Ok(signer) = CrlSigner::from_certificate(FIXTURE_CA) else {
+        panic!("fixtures/device-ca.der does not parse");
+    };
+    let now = fixture_made_at() as i64;
+    let checks = CrlChecks {
+        signers: std::slice::from_ref(&signer),
+        now_unix: now,
+        clock_skew_secs: SKEW_SECS as i64,
+    };
+    let Ok(parts) = split_crl_file(data.to_vec()) else {
+        return 0;
+    };
+    for der in parts {
+        let crl = match parse_crl(&der, "fuzz", &checks) {
+            Ok(crl) => crl,
+            Err(error) => {
+                assert_eq!(error.origin, "fuzz");
+                assert!(!error.to_string().is_empty());
+                continue;
+            }
+        };
+        if let Some(next_update) = crl.next_update {
+            assert!(crl.this_update <= next_update);
+        }
+        assert!(crl.this_update <= now + SKEW_SECS as i64);
+        assert_eq!(sha256_hex(&crl.issuer_der), crl.issuer_sha256_hex());
+        assert!(crl.is_same_issue(&crl));
+        assert!(!crl.is_newer_than(&crl));
+
+        let mut serials = vec![fixture_leaf_serial()];
+        serials.extend(der.chunks(9).take(8).map(<[u8]>::to_vec));
+        for serial in serials {
+            let entry = crl.revoked.get(&serial);
+            if serial.first().is_some_and(|b| *b < 0x80) {
+                let mut padded = vec![0u8];
+                padded.extend_from_slice(&serial);
+                assert_eq!(crl.revoked.get(&padded).is_some(), entry.is_some());
+            }
+        }
+        accepted += 1;
+    }
+    accepted
+}
+
+/// Verifies `data` as an OCSP response for the fixture leaf, with SHA-1 and
+/// SHA-256 CertIDs, with and without the fixture nonce.
+///
+/// Invariants for a response that passes: thisUpdate is at most the skew
+/// after the fixture time, the response is valid until at least the fixture
+/// time minus the skew, and a good status carries that validity as its
+/// nextUpdate. A failure formats as a message with a metrics label.
+pub fn ocsp_response(data: &[u8]) {
+    ocsp_responses_accepted(data);
+}
+
+/// Runs the [`ocsp_response`] checks and returns how many of the four
+/// expectations the response passed.
+pub fn ocsp_responses_accepted(data: &[u8]) -> usize {
+    let mut accepted = 0;
+    use std::time::{Duration, SystemTime};
+    use ztgate::identity::ocsp::{
+        verify_response, CertId, CertIdHash, ExpectedResponse, OcspStatus,
+    };
+
+    let issuer = CertificateDer::from(FIXTURE_CA.to_vec());
+    let leaf = CertificateDer::from(FIXTURE_LEAF.to_vec());
+    let skew = Duration::from_secs(SKEW_SECS);
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(fixture_made_at());
+    for hash in [CertIdHash::Sha1, CertIdHash::Sha256] {
+        let Ok(cert_id) = CertId::new(&leaf, &issuer, hash) else {
+            panic!("the fixture certificates give no CertID");
+        };
+        for nonce in [None, Some(FIXTURE_NONCE)] {
+            let expected = ExpectedResponse {
+                url: "http://127.0.0.1:1/fuzz",
+                cert_id: &cert_id,
+                issuer: &issuer,
+                nonce,
+                require_nonce: nonce.is_some(),
+                clock_skew: skew,
+                default_lifetime: Duration::from_secs(3600),
+            };
+            match verify_response(data, &expected, now) {
+                Ok(verified) => {
+                    assert!(verified.this_update <= now + skew);
+                    assert!(verified.valid_until + skew >= now);
+                    if let OcspStatus::Good { next_update, .. } = verified.status {
+                        assert_eq!(next_update, verified.valid_until);
+                    }
+                    accepted += 1;
+                }
+                Err(error) => {
+                    assert!(!error.to_string().is_empty());
+                    assert!(!error.label().is_empty());
+                }
+            }
+        }
+    }
+    accepted
 }

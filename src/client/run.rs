@@ -57,6 +57,31 @@ enum Route {
     Tls,
 }
 
+/// Closes the QUIC connection with `no-error` on SIGTERM or SIGINT and
+/// exits, so that the gateway ends the session at once instead of at its
+/// idle timeout.
+async fn close_on_termination(client: Arc<Client>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut terminate), Ok(mut interrupt)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot handle SIGTERM and SIGINT; on exit the gateway keeps the session until its idle timeout");
+        return;
+    };
+    let name = tokio::select! {
+        _ = terminate.recv() => "SIGTERM",
+        _ = interrupt.recv() => "SIGINT",
+    };
+    say(&format!("{name} received; closing the tunnel"));
+    client
+        .endpoint()
+        .close(Code::NoError.into(), b"client exiting");
+    // Bounded, so that an unreachable gateway cannot delay the exit.
+    let _ = tokio::time::timeout(Duration::from_secs(1), client.endpoint().wait_idle()).await;
+    std::process::exit(0);
+}
+
 fn say(message: &str) {
     eprintln!("ztgate connect: {message}");
 }
@@ -134,6 +159,7 @@ pub async fn run_connect(options: ConnectOptions) -> Result<(), String> {
             client.clone(),
             network_changed.clone(),
         ));
+        tokio::spawn(close_on_termination(client.clone()));
     }
 
     if options.stdio {

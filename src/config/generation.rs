@@ -48,6 +48,19 @@ pub struct Limits {
     pub max_connections_per_source: u32,
     pub max_connections_per_device: u32,
     pub copy_buffer_bytes: usize,
+
+    // Load shedding.
+    /// Pending QUIC handshakes from which unvalidated clients get a Retry.
+    pub retry_pending_handshakes: u64,
+    /// New handshakes per source address; `None` for no limit.
+    pub handshake_rate: Option<crate::ingress::RateLimit>,
+    pub max_tracked_sources: usize,
+    /// New streams per QUIC connection; `None` for no limit.
+    pub stream_rate: Option<crate::ingress::RateLimit>,
+    /// Rate-limited streams after which the connection is closed; 0 never closes.
+    pub max_rate_limited_streams_per_connection: u64,
+    pub max_upstream_dials_per_application: u32,
+    pub upstream_dial_wait: Duration,
 }
 
 /// A 32-byte secret from which every node that shares the reset key file

@@ -391,6 +391,14 @@ fn build(
             l.upstream_connect_timeout_ms,
         ),
         ("limits.copy_buffer_bytes", l.copy_buffer_bytes as u64),
+        (
+            "limits.max_tracked_sources",
+            u64::from(l.max_tracked_sources),
+        ),
+        (
+            "limits.max_upstream_dials_per_application",
+            u64::from(l.max_upstream_dials_per_application),
+        ),
     ] {
         if value == 0 {
             c.push(key, "must be greater than 0");
@@ -409,6 +417,27 @@ fn build(
             c.push(
                 key,
                 format!("{value} is out of range; use a byte count from 1024 to 2^62-1"),
+            );
+        }
+    }
+    for (rate_key, rate, burst_key, burst) in [
+        (
+            "limits.handshakes_per_source_per_sec",
+            l.handshakes_per_source_per_sec,
+            "limits.handshake_burst_per_source",
+            l.handshake_burst_per_source,
+        ),
+        (
+            "limits.streams_per_connection_per_sec",
+            l.streams_per_connection_per_sec,
+            "limits.stream_burst_per_connection",
+            l.stream_burst_per_connection,
+        ),
+    ] {
+        if rate > 0 && burst == 0 {
+            c.push(
+                burst_key,
+                format!("must be at least 1 while {rate_key} is {rate}; set it to {rate} or more, or set {rate_key} = 0 to turn the limit off"),
             );
         }
     }
@@ -704,6 +733,21 @@ fn build(
             max_connections_per_source: l.max_connections_per_source,
             max_connections_per_device: l.max_connections_per_device,
             copy_buffer_bytes: l.copy_buffer_bytes,
+            retry_pending_handshakes: u64::from(l.retry_pending_handshakes),
+            handshake_rate: crate::ingress::RateLimit::new(
+                l.handshakes_per_source_per_sec,
+                l.handshake_burst_per_source,
+            ),
+            max_tracked_sources: l.max_tracked_sources as usize,
+            stream_rate: crate::ingress::RateLimit::new(
+                l.streams_per_connection_per_sec,
+                l.stream_burst_per_connection,
+            ),
+            max_rate_limited_streams_per_connection: u64::from(
+                l.max_rate_limited_streams_per_connection,
+            ),
+            max_upstream_dials_per_application: l.max_upstream_dials_per_application,
+            upstream_dial_wait: Duration::from_millis(l.upstream_dial_wait_ms),
         },
         log_level: raw.log.level.clone(),
         log_format: raw.log.format.clone(),

@@ -99,6 +99,33 @@ pub struct RawLimits {
     /// requested with the QUIC ACK_FREQUENCY extension; unset leaves it off.
     #[serde(default)]
     pub ack_eliciting_threshold: Option<u32>,
+
+    // Load shedding: QUIC Retry, handshake and stream rates, upstream dials.
+    /// Pending QUIC handshakes from which unvalidated clients get a Retry;
+    /// 0 sends a Retry to every unvalidated client.
+    #[serde(default = "defaults::retry_pending_handshakes")]
+    pub retry_pending_handshakes: u32,
+    /// New handshakes per second per source address; 0 turns the limit off.
+    #[serde(default = "defaults::handshakes_per_source_per_sec")]
+    pub handshakes_per_source_per_sec: u32,
+    #[serde(default = "defaults::handshake_burst_per_source")]
+    pub handshake_burst_per_source: u32,
+    /// Source addresses the handshake rate limit tracks at most.
+    #[serde(default = "defaults::max_tracked_sources")]
+    pub max_tracked_sources: u32,
+    /// New streams per second per QUIC connection; 0 turns the limit off.
+    #[serde(default = "defaults::streams_per_connection_per_sec")]
+    pub streams_per_connection_per_sec: u32,
+    #[serde(default = "defaults::stream_burst_per_connection")]
+    pub stream_burst_per_connection: u32,
+    /// Rate-limited streams after which the connection is closed; 0 never closes.
+    #[serde(default = "defaults::max_rate_limited_streams_per_connection")]
+    pub max_rate_limited_streams_per_connection: u32,
+    #[serde(default = "defaults::max_upstream_dials_per_application")]
+    pub max_upstream_dials_per_application: u32,
+    /// How long a stream waits for a free upstream dial slot.
+    #[serde(default = "defaults::upstream_dial_wait_ms")]
+    pub upstream_dial_wait_ms: u64,
 }
 
 impl Default for RawLimits {
@@ -114,6 +141,16 @@ impl Default for RawLimits {
             upstream_connect_timeout_ms: defaults::upstream_connect_timeout_ms(),
             copy_buffer_bytes: defaults::copy_buffer(),
             ack_eliciting_threshold: None,
+            retry_pending_handshakes: defaults::retry_pending_handshakes(),
+            handshakes_per_source_per_sec: defaults::handshakes_per_source_per_sec(),
+            handshake_burst_per_source: defaults::handshake_burst_per_source(),
+            max_tracked_sources: defaults::max_tracked_sources(),
+            streams_per_connection_per_sec: defaults::streams_per_connection_per_sec(),
+            stream_burst_per_connection: defaults::stream_burst_per_connection(),
+            max_rate_limited_streams_per_connection:
+                defaults::max_rate_limited_streams_per_connection(),
+            max_upstream_dials_per_application: defaults::max_upstream_dials_per_application(),
+            upstream_dial_wait_ms: defaults::upstream_dial_wait_ms(),
         }
     }
 }
@@ -419,6 +456,35 @@ pub mod defaults {
     }
     pub fn copy_buffer() -> usize {
         64 * 1024
+    }
+
+    // Load shedding.
+    pub fn retry_pending_handshakes() -> u32 {
+        256
+    }
+    pub fn handshakes_per_source_per_sec() -> u32 {
+        20
+    }
+    pub fn handshake_burst_per_source() -> u32 {
+        100
+    }
+    pub fn max_tracked_sources() -> u32 {
+        65_536
+    }
+    pub fn streams_per_connection_per_sec() -> u32 {
+        100
+    }
+    pub fn stream_burst_per_connection() -> u32 {
+        200
+    }
+    pub fn max_rate_limited_streams_per_connection() -> u32 {
+        1_000
+    }
+    pub fn max_upstream_dials_per_application() -> u32 {
+        256
+    }
+    pub fn upstream_dial_wait_ms() -> u64 {
+        1_000
     }
     pub fn decision_lifetime_secs() -> u64 {
         300

@@ -26,6 +26,10 @@ pub use cert_id::{CertId, CertIdHash};
 pub use checker::{OcspChecker, Revocation};
 pub use decision::{decide, OcspDecision, OcspMode, SoftFailWithoutAnswer};
 pub use error::OcspError;
+// Public for the fuzz targets in fuzz/, which check a response without HTTP.
+pub use response::{
+    verify as verify_response, Expected as ExpectedResponse, Verified as VerifiedResponse,
+};
 pub use x509_cert::ext::pkix::CrlReason;
 
 /// The certificate status that a verified OCSP response reports.

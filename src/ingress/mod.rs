@@ -6,6 +6,7 @@ pub mod duplex;
 mod listeners;
 pub mod path;
 pub mod quic;
+mod rate;
 pub mod tls;
 mod tls_config;
 pub mod udp;
@@ -13,13 +14,14 @@ pub mod udp;
 pub use control::ControlWriter;
 pub use listeners::{inherited_sockets, open_listeners, InheritedSocket, Listeners};
 pub use quic::{bind_quic, QuicIngress};
+pub use rate::{HandshakeRateLimiter, RateLimit, SourceVerdict};
 pub use tls::{bind_tls, TlsIngress};
 pub use tls_config::server_tls_config;
 
 use crate::config::ConfigHandle;
 use crate::session::Registry;
 use crate::telemetry::PerSourceLimiter;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -30,7 +32,11 @@ pub struct IngressStats {
     pub handshakes_started: AtomicU64,
     pub handshakes_failed: AtomicU64,
     pub handshake_timeouts: AtomicU64,
+    /// Handshakes in progress on both ingresses.
     pub pending_handshakes: AtomicU64,
+    /// Handshakes in progress on the QUIC ingress; the Retry threshold
+    /// compares against this one.
+    pub quic_pending_handshakes: AtomicU64,
     pub admitted: AtomicU64,
     /// Admitted connections whose TLS handshake resumed an earlier session.
     pub admitted_resumed: AtomicU64,
@@ -39,6 +45,54 @@ pub struct IngressStats {
     pub streams: AtomicU64,
     /// Validated client address changes of QUIC connections.
     pub path_changes: AtomicU64,
+    /// QUIC Retry packets sent.
+    pub retries_sent: AtomicU64,
+    /// New connections rejected by the per-source handshake rate limit.
+    pub handshakes_rate_limited: AtomicU64,
+    /// Streams reset with stream-rate-limited.
+    pub streams_rate_limited: AtomicU64,
+    /// Streams or TLS tunnels that gave up waiting for an upstream dial slot.
+    pub upstream_dials_busy: AtomicU64,
+}
+
+/// Counts one handshake as pending on `transport` until dropped, however
+/// the handshake ends.
+pub struct PendingHandshake {
+    shared: Arc<Shared>,
+    transport: crate::policy::Transport,
+}
+
+impl PendingHandshake {
+    pub fn start(shared: &Arc<Shared>, transport: crate::policy::Transport) -> PendingHandshake {
+        shared
+            .stats
+            .pending_handshakes
+            .fetch_add(1, Ordering::Relaxed);
+        if transport == crate::policy::Transport::Quic {
+            shared
+                .stats
+                .quic_pending_handshakes
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        crate::telemetry::metrics::handshakes_pending(transport.as_str(), 1.0);
+        PendingHandshake {
+            shared: shared.clone(),
+            transport,
+        }
+    }
+}
+
+impl Drop for PendingHandshake {
+    fn drop(&mut self) {
+        let stats = &self.shared.stats;
+        stats.pending_handshakes.fetch_sub(1, Ordering::Relaxed);
+        if self.transport == crate::policy::Transport::Quic {
+            stats
+                .quic_pending_handshakes
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+        crate::telemetry::metrics::handshakes_pending(self.transport.as_str(), -1.0);
+    }
 }
 
 /// State shared by every ingress and connection task.
@@ -55,12 +109,19 @@ pub struct Shared {
     /// is resumed only on the transport it was made on.
     pub tls_session_cache: Arc<dyn rustls::server::StoresServerSessions>,
     pub refusal_log: PerSourceLimiter,
+    /// Rate limit of load-shedding log lines, keyed by what was shed: Retry
+    /// packets by reason, upstream-busy resets by application name.
+    pub shed_log: PerSourceLimiter<String>,
     /// The OCSP client and its cache, kept across reloads.
     pub ocsp: crate::identity::ocsp::OcspChecker,
     /// Posture attributes pushed through the admin API.
     pub posture: Arc<crate::policy::PostureStore>,
     /// CRLs and pushed revocations, kept across reloads.
     pub crl: Arc<crate::identity::revocation::RevocationStore>,
+    /// Per-source token buckets for new handshakes on both ingresses.
+    pub handshake_rate: HandshakeRateLimiter,
+    /// Upstream dials in progress per application.
+    pub dials: crate::forward::DialLimiter,
 }
 
 impl Shared {
@@ -81,6 +142,9 @@ impl Shared {
             session_cache: rustls::server::ServerSessionMemoryCache::new(16 * 1024),
             tls_session_cache: rustls::server::ServerSessionMemoryCache::new(16 * 1024),
             refusal_log: PerSourceLimiter::new(20, Duration::from_secs(10)),
+            shed_log: PerSourceLimiter::new(5, Duration::from_secs(10)),
+            handshake_rate: HandshakeRateLimiter::default(),
+            dials: crate::forward::DialLimiter::default(),
         })
     }
 }

@@ -5,10 +5,10 @@
 use super::control::ControlWriter;
 use super::path::{self, PathSample, PathTracker};
 use super::tls_config::server_tls_config;
-use super::Shared;
+use super::{PendingHandshake, Shared, SourceVerdict};
 use crate::admission::{self, Refused};
 use crate::config::Generation;
-use crate::forward::{pump, PumpEnd, ResetCodes};
+use crate::forward::{pump, DialError, DialSlot, PumpEnd, ResetCodes};
 use crate::policy::Transport;
 use crate::protocol::{self, Admitted as AdmittedMsg, Code, ControlMessage, Refusal};
 use crate::session::{supervise, StreamGate};
@@ -26,6 +26,9 @@ use tracing::{debug, info, warn, Instrument};
 pub struct QuicIngress {
     pub endpoint: quinn::Endpoint,
     pub local_addr: SocketAddr,
+    /// Seals Retry tokens; the endpoint's own config and every
+    /// per-connection config use this key, so tokens verify across them.
+    token_key: Arc<dyn quinn::crypto::HandshakeTokenKey>,
 }
 
 fn transport_config(generation: &Generation) -> quinn::TransportConfig {
@@ -114,6 +117,7 @@ pub fn bind_quic(
         out.push(QuicIngress {
             endpoint,
             local_addr,
+            token_key: token_key.clone(),
         });
     }
     Ok(out)
@@ -122,7 +126,7 @@ pub fn bind_quic(
 impl QuicIngress {
     /// Accepts connections until shutdown.
     pub async fn run(self, shared: Arc<Shared>) {
-        let token_key = handshake_token_key();
+        let token_key = self.token_key.clone();
         let mut shutdown = shared.shutdown.clone();
         loop {
             let incoming = tokio::select! {
@@ -160,6 +164,10 @@ fn accept_one(
         incoming.refuse();
         return;
     };
+    let Some(incoming) = screen_incoming(incoming, remote, shared, limits) else {
+        return;
+    };
+    let pending = PendingHandshake::start(shared, Transport::Quic);
     let (config, outcome) = match server_config(&generation, shared, token_key) {
         Ok(c) => c,
         Err(e) => {
@@ -180,10 +188,77 @@ fn accept_one(
     tokio::spawn(
         async move {
             let _source_guard = source_guard;
-            handle_connection(connecting, outcome, remote, generation, shared).await;
+            handle_connection(connecting, outcome, remote, generation, shared, pending).await;
         }
         .instrument(span),
     );
+}
+
+/// Sends a Retry to an unvalidated client while too many QUIC handshakes
+/// are pending, and applies the per-source handshake rate. Returns the
+/// connection when its handshake may start; otherwise the client was sent
+/// a Retry or the connection was refused.
+fn screen_incoming(
+    incoming: quinn::Incoming,
+    remote: SocketAddr,
+    shared: &Shared,
+    limits: &crate::config::Limits,
+) -> Option<quinn::Incoming> {
+    let unvalidated = !incoming.remote_address_validated() && incoming.may_retry();
+    let pending = shared.stats.quic_pending_handshakes.load(Ordering::Relaxed);
+    if unvalidated && pending >= limits.retry_pending_handshakes {
+        return send_retry(incoming, remote, shared, "pending-handshakes");
+    }
+    let verdict = shared.handshake_rate.check(
+        remote.ip(),
+        limits.handshake_rate,
+        limits.max_tracked_sources,
+    );
+    match verdict {
+        SourceVerdict::Allowed => Some(incoming),
+        // A spoofed source never receives the Retry, so the limit costs the
+        // gateway one small packet per Initial.
+        _ if unvalidated => send_retry(incoming, remote, shared, "source-rate"),
+        // A validated address is a real peer; while the table of tracked
+        // sources is full it is held only to the connection caps.
+        SourceVerdict::Untracked if incoming.remote_address_validated() => Some(incoming),
+        _ => {
+            shared
+                .stats
+                .handshakes_rate_limited
+                .fetch_add(1, Ordering::Relaxed);
+            metrics::handshake_rate_limited("quic");
+            if let Some(suppressed) = shared.refusal_log.check(remote.ip(), Instant::now()) {
+                info!(source = %remote, transport = "quic", suppressed, reason = "handshake rate limit", "connection refused");
+            }
+            incoming.refuse();
+            None
+        }
+    }
+}
+
+/// Sends a Retry; `reason` labels the metric. Returns `None`, or the
+/// connection when quinn would not send a Retry for it.
+fn send_retry(
+    incoming: quinn::Incoming,
+    remote: SocketAddr,
+    shared: &Shared,
+    reason: &'static str,
+) -> Option<quinn::Incoming> {
+    match incoming.retry() {
+        Ok(()) => {
+            shared.stats.retries_sent.fetch_add(1, Ordering::Relaxed);
+            metrics::quic_retry(reason);
+            // Keyed by reason, not by source: a spoofed flood has a new
+            // source per packet.
+            let key = format!("retry:{reason}");
+            if let Some(suppressed) = shared.shed_log.check(key, Instant::now()) {
+                info!(source = %remote, reason, suppressed, "Retry sent to validate the client address");
+            }
+            None
+        }
+        Err(e) => Some(e.into_incoming()),
+    }
 }
 
 /// Removes IPv4-mapped IPv6 forms so logs and policy see one address form.
@@ -197,10 +272,10 @@ async fn handle_connection(
     remote: SocketAddr,
     generation: Arc<Generation>,
     shared: Arc<Shared>,
+    pending: PendingHandshake,
 ) {
     let stats = &shared.stats;
     stats.handshakes_started.fetch_add(1, Ordering::Relaxed);
-    stats.pending_handshakes.fetch_add(1, Ordering::Relaxed);
     let deadline = generation.timeouts.handshake;
     let handshake = async {
         let sni = connecting
@@ -215,7 +290,7 @@ async fn handle_connection(
         (sni, connecting.await)
     };
     let result = tokio::time::timeout(deadline, handshake).await;
-    stats.pending_handshakes.fetch_sub(1, Ordering::Relaxed);
+    drop(pending);
     let (sni, connection) = match result {
         Err(_) => {
             stats.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
@@ -426,7 +501,7 @@ async fn run_admitted(
     let ending = loop {
         tokio::select! {
             request = &mut supervision => break Some(request),
-            _ = &mut streams => break None,
+            close = &mut streams => break close,
             _ = &mut path => break None,
             Some(message) = message_rx.recv() => {
                 if let Err(e) = control.send(&message).await {
@@ -533,33 +608,84 @@ async fn refuse(
 }
 
 /// Accepts bidirectional streams until the connection ends; each becomes
-/// one TCP connection to the application's upstream.
+/// one TCP connection to the application's upstream. Streams over
+/// `limits.streams_per_connection_per_sec` are reset with
+/// stream-rate-limited. Returns a close request once the connection has had
+/// `limits.max_rate_limited_streams_per_connection` streams reset that way.
 async fn accept_streams(
     connection: quinn::Connection,
     shared: Arc<Shared>,
     entry: Arc<crate::session::SessionEntry>,
     application: Arc<arc_swap::ArcSwap<crate::config::Application>>,
     gate: watch::Receiver<StreamGate>,
-) {
+) -> Option<crate::session::CloseRequest> {
     let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let limits = shared.config.current().limits.clone();
+    let stream_rate = limits.stream_rate.map(|rate| rate.direct_limiter());
+    let mut rate_limited = 0u64;
     loop {
-        let (send, recv) = match connection.accept_bi().await {
+        let (mut send, mut recv) = match connection.accept_bi().await {
             Ok(s) => s,
-            Err(_) => return,
+            Err(_) => return None,
         };
+        if stream_rate.as_ref().is_some_and(|r| r.check().is_err()) {
+            rate_limited += 1;
+            if let Some(close) =
+                reject_fast_stream(&mut send, &mut recv, &shared, &limits, rate_limited)
+            {
+                return Some(close);
+            }
+            continue;
+        }
         shared.stats.streams.fetch_add(1, Ordering::Relaxed);
         let entry = entry.clone();
         let application = application.clone();
-        let buffer = shared.config.current().limits.copy_buffer_bytes;
+        let shared = shared.clone();
         let gate = gate.clone();
         let held = held.clone();
         tokio::spawn(
             async move {
-                forward_stream(send, recv, &application, &entry, buffer, gate, &held).await;
+                forward_stream(send, recv, &application, &entry, &shared, gate, &held).await;
             }
             .in_current_span(),
         );
     }
+}
+
+/// Resets a stream that came over the stream rate, the `count`th such stream
+/// of its connection. Returns a close request when the connection has had
+/// too many.
+fn reject_fast_stream(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    shared: &Shared,
+    limits: &crate::config::Limits,
+    count: u64,
+) -> Option<crate::session::CloseRequest> {
+    let code = Code::StreamRateLimited;
+    let _ = send.reset(code.into());
+    let _ = recv.stop(code.into());
+    shared
+        .stats
+        .streams_rate_limited
+        .fetch_add(1, Ordering::Relaxed);
+    metrics::stream_rate_limited();
+    let max = limits.max_rate_limited_streams_per_connection;
+    if max > 0 && count >= max {
+        return Some(crate::session::CloseRequest::new(
+            code,
+            format!("{count} streams were opened faster than the stream rate limit allows"),
+        ));
+    }
+    // Log the first reset of each power of two, so a flood costs a few lines.
+    if count.is_power_of_two() {
+        info!(
+            stream = send.id().index(),
+            rate_limited_streams = count,
+            "stream reset: new streams exceed limits.streams_per_connection_per_sec"
+        );
+    }
+    None
 }
 
 /// Most streams one session may hold while a step-up is pending. Each held
@@ -603,7 +729,7 @@ async fn forward_stream(
     mut recv: quinn::RecvStream,
     application: &arc_swap::ArcSwap<crate::config::Application>,
     entry: &crate::session::SessionEntry,
-    buffer: usize,
+    shared: &Shared,
     mut gate: watch::Receiver<StreamGate>,
     held: &std::sync::atomic::AtomicUsize,
 ) {
@@ -632,16 +758,12 @@ async fn forward_stream(
     let _active = ActiveStream(&entry.streams_active);
     let started = Instant::now();
     metrics::stream_opened(&application.name);
-    let tcp = match application.upstream.connect().await {
-        Ok(tcp) => {
-            metrics::upstream_connect(&application.name, Ok(started.elapsed()));
-            tcp
-        }
-        Err(e) => {
-            metrics::upstream_connect(&application.name, Err(()));
-            warn!(stream = stream_id, upstream = %application.upstream.display(), error = %e, "upstream unreachable; stream reset");
-            let _ = send.reset(Code::UpstreamUnreachable.into());
-            let _ = recv.stop(Code::UpstreamUnreachable.into());
+    let limits = shared.config.current().limits.clone();
+    let tcp = match dial_upstream(shared, application, &limits).await {
+        Ok(tcp) => tcp,
+        Err(code) => {
+            let _ = send.reset(code.into());
+            let _ = recv.stop(code.into());
             return;
         }
     };
@@ -657,7 +779,7 @@ async fn forward_stream(
         ResetCodes {
             tcp_reset: Code::UpstreamReset.into(),
         },
-        buffer,
+        limits.copy_buffer_bytes,
     )
     .await;
     metrics::stream_bytes(&application.name, stats.to_tcp, stats.to_stream);
@@ -676,6 +798,55 @@ async fn forward_stream(
         ),
         other => {
             debug!(stream = stream_id, end = ?other, to_upstream = stats.to_tcp, to_client = stats.to_stream, "stream ended abruptly")
+        }
+    }
+}
+
+/// Dials the application's upstream under its dial cap, logging and
+/// counting a failure. Returns the reset code for the stream on failure.
+pub(super) async fn dial_upstream(
+    shared: &Shared,
+    application: &crate::config::Application,
+    limits: &crate::config::Limits,
+) -> Result<tokio::net::TcpStream, Code> {
+    let started = Instant::now();
+    let name = application.name.as_str();
+    let dialled = shared
+        .dials
+        .dial(
+            name,
+            &application.upstream,
+            limits.max_upstream_dials_per_application,
+            limits.upstream_dial_wait,
+        )
+        .await;
+    match dialled {
+        Ok((tcp, slot)) => {
+            if slot == DialSlot::Waited {
+                metrics::upstream_dial_queued(name, "waited");
+            }
+            metrics::upstream_connect(name, Ok(started.elapsed()));
+            Ok(tcp)
+        }
+        Err(e @ DialError::Busy { .. }) => {
+            shared
+                .stats
+                .upstream_dials_busy
+                .fetch_add(1, Ordering::Relaxed);
+            metrics::upstream_dial_queued(name, "rejected");
+            if shared
+                .shed_log
+                .check(format!("upstream-busy:{name}"), Instant::now())
+                .is_some()
+            {
+                warn!(upstream = %application.upstream.display(), error = %e, "upstream dial cap full; stream reset with upstream-busy");
+            }
+            Err(Code::UpstreamBusy)
+        }
+        Err(DialError::Unreachable(e)) => {
+            metrics::upstream_connect(name, Err(()));
+            warn!(upstream = %application.upstream.display(), error = %e, "upstream unreachable; stream reset");
+            Err(Code::UpstreamUnreachable)
         }
     }
 }

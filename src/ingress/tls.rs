@@ -14,7 +14,7 @@
 use super::duplex::{copy_duplex, reset_on_close, DuplexEnd};
 use super::quic::canonical;
 use super::tls_config::server_tls_config;
-use super::Shared;
+use super::{PendingHandshake, Shared, SourceVerdict};
 use crate::admission::{self, Refused};
 use crate::config::Generation;
 use crate::identity::HandshakeOutcome;
@@ -95,12 +95,32 @@ fn accept_one(tcp: TcpStream, remote: SocketAddr, shared: &Arc<Shared>) {
         reset_on_close(&tcp);
         return;
     };
+    // TCP's own handshake has validated the address, so a source the full
+    // table cannot track is held only to the connection caps.
+    let verdict = shared.handshake_rate.check(
+        remote.ip(),
+        limits.handshake_rate,
+        limits.max_tracked_sources,
+    );
+    if verdict == SourceVerdict::Limited {
+        shared
+            .stats
+            .handshakes_rate_limited
+            .fetch_add(1, Ordering::Relaxed);
+        crate::telemetry::metrics::handshake_rate_limited("tls");
+        if let Some(suppressed) = shared.refusal_log.check(remote.ip(), Instant::now()) {
+            info!(source = %remote, transport = "tls", suppressed, reason = "handshake rate limit", "connection refused");
+        }
+        reset_on_close(&tcp);
+        return;
+    }
+    let pending = PendingHandshake::start(shared, Transport::Tls);
     let _ = tcp.set_nodelay(true);
     let shared = shared.clone();
     let span = tracing::info_span!("conn", source = %remote, transport = "tls", sni = tracing::field::Empty, device = tracing::field::Empty, app = tracing::field::Empty, session = tracing::field::Empty);
     tokio::spawn(
         async move {
-            handle_connection(tcp, remote, source_guard, generation, shared).await;
+            handle_connection(tcp, remote, source_guard, generation, shared, pending).await;
         }
         .instrument(span),
     );
@@ -172,13 +192,13 @@ async fn handle_connection(
     _source_guard: SourceGuard,
     generation: Arc<Generation>,
     shared: Arc<Shared>,
+    pending: PendingHandshake,
 ) {
     let stats = &shared.stats;
     stats.handshakes_started.fetch_add(1, Ordering::Relaxed);
-    stats.pending_handshakes.fetch_add(1, Ordering::Relaxed);
     let deadline = generation.timeouts.handshake;
     let result = tokio::time::timeout(deadline, handshake(tcp, &generation, &shared)).await;
-    stats.pending_handshakes.fetch_sub(1, Ordering::Relaxed);
+    drop(pending);
     let handshake = match result {
         Err(_) => {
             stats.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
@@ -307,14 +327,18 @@ async fn run_admitted(
     debug!(rule = admitted.decision.rule(), resumed, ca = %admitted.ca_name, "connection admitted");
 
     let application = admitted.application.clone();
-    let mut upstream = match application.upstream.connect().await {
-        Ok(tcp) => tcp,
-        Err(e) => {
-            warn!(upstream = %application.upstream.display(), error = %e, "upstream unreachable; connection reset");
-            reset_on_close(stream.get_ref().0.get_ref());
-            return;
-        }
-    };
+    let mut upstream =
+        match super::quic::dial_upstream(&shared, &application, &generation.limits).await {
+            Ok(tcp) => tcp,
+            Err(code) => {
+                debug!(
+                    code = code.name(),
+                    "no upstream connection; connection reset"
+                );
+                reset_on_close(stream.get_ref().0.get_ref());
+                return;
+            }
+        };
     let buffer = generation.limits.copy_buffer_bytes;
     // One TCP connection is one tunnel, already dialled: a step-up closes
     // the session.

@@ -29,6 +29,17 @@ pub const UPSTREAM_CONNECTS_TOTAL: &str = "ztgate_upstream_connects_total";
 pub const UPSTREAM_CONNECT_SECONDS: &str = "ztgate_upstream_connect_duration_seconds";
 /// Sessions closed by the gateway, by `code`.
 pub const SESSIONS_CLOSED_TOTAL: &str = "ztgate_sessions_closed_total";
+/// Handshakes in progress, by `transport` (quic, tls).
+pub const HANDSHAKES_PENDING: &str = "ztgate_handshakes_pending";
+/// QUIC Retry packets sent, by `reason` (pending-handshakes, source-rate).
+pub const QUIC_RETRIES_TOTAL: &str = "ztgate_quic_retries_total";
+/// New connections rejected by the per-source handshake rate limit, by `transport`.
+pub const HANDSHAKES_RATE_LIMITED_TOTAL: &str = "ztgate_handshakes_rate_limited_total";
+/// Streams reset with stream-rate-limited.
+pub const STREAMS_RATE_LIMITED_TOTAL: &str = "ztgate_streams_rate_limited_total";
+/// Upstream dials that found the application's dial cap full, by
+/// `application` and `outcome` (waited, rejected).
+pub const UPSTREAM_DIALS_QUEUED_TOTAL: &str = "ztgate_upstream_dials_queued_total";
 
 fn handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -149,4 +160,31 @@ pub fn upstream_connect(application: &str, result: Result<std::time::Duration, (
                 .increment(1);
         }
     }
+}
+
+/// Moves the pending-handshake gauge of `transport` by `delta`.
+pub fn handshakes_pending(transport: &'static str, delta: f64) {
+    metrics::gauge!(HANDSHAKES_PENDING, "transport" => transport).increment(delta);
+}
+
+/// Counts a Retry packet sent, with why the address needed validating.
+pub fn quic_retry(reason: &'static str) {
+    metrics::counter!(QUIC_RETRIES_TOTAL, "reason" => reason).increment(1);
+}
+
+/// Counts a new connection rejected by the per-source handshake rate limit.
+pub fn handshake_rate_limited(transport: &'static str) {
+    metrics::counter!(HANDSHAKES_RATE_LIMITED_TOTAL, "transport" => transport).increment(1);
+}
+
+/// Counts a stream reset by the per-connection stream rate limit.
+pub fn stream_rate_limited() {
+    metrics::counter!(STREAMS_RATE_LIMITED_TOTAL).increment(1);
+}
+
+/// Counts a dial that found the dial cap full: `waited` when it got a slot
+/// later, `rejected` when it gave up.
+pub fn upstream_dial_queued(application: &str, outcome: &'static str) {
+    metrics::counter!(UPSTREAM_DIALS_QUEUED_TOTAL, "application" => application.to_string(), "outcome" => outcome)
+        .increment(1);
 }

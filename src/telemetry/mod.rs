@@ -108,16 +108,17 @@ pub fn set_level(level: &str) {
     }
 }
 
-/// Allows a fixed number of events per source address per window, and
-/// counts what it suppressed so the next allowed line can report it.
-pub struct PerSourceLimiter {
+/// Allows a fixed number of events per key (by default a source address)
+/// per window, and counts what it suppressed so the next allowed line can
+/// report it.
+pub struct PerSourceLimiter<K = IpAddr> {
     per_window: u32,
     window: Duration,
-    state: Mutex<HashMap<IpAddr, (Instant, u32, u64)>>,
+    state: Mutex<HashMap<K, (Instant, u32, u64)>>,
 }
 
-impl PerSourceLimiter {
-    pub fn new(per_window: u32, window: Duration) -> PerSourceLimiter {
+impl<K: std::hash::Hash + Eq> PerSourceLimiter<K> {
+    pub fn new(per_window: u32, window: Duration) -> PerSourceLimiter<K> {
         PerSourceLimiter {
             per_window,
             window,
@@ -127,7 +128,7 @@ impl PerSourceLimiter {
 
     /// Returns `Some(suppressed_since_last)` when an event from `ip` may be
     /// logged now, `None` when it must be dropped.
-    pub fn check(&self, ip: IpAddr, now: Instant) -> Option<u64> {
+    pub fn check(&self, ip: K, now: Instant) -> Option<u64> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if state.len() > 10_000 {
             let window = self.window;

@@ -50,7 +50,7 @@ struct RawBasicResponse<'a> {
 
 /// The request values that the response must match, and the limits it is
 /// checked against.
-pub(super) struct Expected<'a> {
+pub struct Expected<'a> {
     pub url: &'a str,
     pub cert_id: &'a CertId,
     pub issuer: &'a CertificateDer<'static>,
@@ -63,14 +63,14 @@ pub(super) struct Expected<'a> {
 
 /// The verified status of the requested certificate.
 #[derive(Debug, Clone)]
-pub(super) struct Verified {
+pub struct Verified {
     pub status: OcspStatus,
     pub this_update: SystemTime,
     pub valid_until: SystemTime,
 }
 
 /// Decodes `body` and verifies it against `expected` at time `now`.
-pub(super) fn verify(
+pub fn verify(
     body: &[u8],
     expected: &Expected<'_>,
     now: SystemTime,
