@@ -169,8 +169,11 @@ tables = {
                 "certificate": f'"{pki}/gateway-chain.pem"', "private_key": f'"{pki}/gateway.key"'},
     "log": {"level": '"warn"'},
     "identity": {"hardware_bound_oid": '"1.3.6.1.4.1.55555.1.1"'},
-    # One device opens every tunnel of the handshake and idle runs.
-    "limits": {"max_connections_per_source": "100000", "max_connections_per_device": "100000"},
+    # One device on one address opens every tunnel of the handshake and idle
+    # runs, so the per-source and per-device caps and the handshake rate limit
+    # are lifted, and Retry starts only past the idle run's pending handshakes.
+    "limits": {"max_connections_per_source": "100000", "max_connections_per_device": "100000",
+               "handshakes_per_source_per_sec": "0", "retry_pending_handshakes": "100000"},
 }
 arrays = {
     "device_ca": [{"name": '"dev"', "certificates": f'["{pki}/device-ca.pem"]',

@@ -36,6 +36,9 @@ enum Half {
     Failed(Side, io::Error, u64),
 }
 
+/// Size of the first read of each direction, and the smallest copy buffer.
+const FIRST_READ_BYTES: usize = 1024;
+
 async fn copy_half<R, W>(
     from: &mut R,
     from_side: Side,
@@ -47,7 +50,11 @@ where
     R: AsyncRead + Unpin + ?Sized,
     W: AsyncWrite + Unpin + ?Sized,
 {
-    let mut buf = vec![0u8; buffer.max(1024)];
+    // An idle tunnel holds no copy buffer: until the first bytes arrive the
+    // read waits on a small array in the task, and the buffer of `buffer`
+    // bytes is allocated once data flows.
+    let mut first_chunk = [0u8; FIRST_READ_BYTES];
+    let mut buf: Vec<u8> = Vec::new();
     let mut total = 0u64;
     // An error or EOF found while gathering, reported after the gathered
     // bytes are written: a TCP reset is reported by one read only.
@@ -55,6 +62,7 @@ where
     loop {
         let first = match pending.take() {
             Some(result) => result,
+            None if buf.is_empty() => from.read(&mut first_chunk).await,
             None => from.read(&mut buf).await,
         };
         let n = match first {
@@ -67,7 +75,13 @@ where
                     Err(e) => Half::Failed(to_side, e, total),
                 };
             }
-            Ok(n) => gather(from, &mut buf, n, &mut pending),
+            Ok(n) => {
+                if buf.is_empty() {
+                    buf = vec![0u8; buffer.max(FIRST_READ_BYTES)];
+                    buf[..n].copy_from_slice(&first_chunk[..n]);
+                }
+                gather(from, &mut buf, n, &mut pending)
+            }
             Err(e) => return Half::Failed(from_side, e, total),
         };
         // Flush after every write: a TLS stream may keep records buffered
@@ -203,5 +217,29 @@ mod tests {
         assert_eq!(end, DuplexEnd::Finished);
         assert_eq!(stats.first_to_second, 7);
         assert_eq!(stats.second_to_first, 11);
+    }
+
+    /// Data past the first small read goes through the full buffer intact.
+    #[tokio::test]
+    async fn large_transfer_survives_the_first_read() {
+        let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let (mut a, mut a_peer) = tokio::io::duplex(8192);
+        let (mut b, mut b_peer) = tokio::io::duplex(8192);
+        let copy = tokio::spawn(async move { copy_duplex(&mut a, &mut b, 16 * 1024).await });
+        let sent = payload.clone();
+        let writer = tokio::spawn(async move {
+            a_peer.write_all(&sent).await.expect("write");
+            a_peer.shutdown().await.expect("half-close");
+            a_peer
+        });
+        let mut got = Vec::new();
+        b_peer.read_to_end(&mut got).await.expect("read to EOF");
+        assert_eq!(got.len(), payload.len());
+        assert!(got == payload, "the copied bytes differ from the sent ones");
+        b_peer.shutdown().await.expect("close");
+        let _a_peer = writer.await.expect("writer task");
+        let (end, stats) = copy.await.expect("copy task");
+        assert_eq!(end, DuplexEnd::Finished);
+        assert_eq!(stats.first_to_second, payload.len() as u64);
     }
 }
