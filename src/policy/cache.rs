@@ -230,10 +230,11 @@ impl PolicyClient for CachedPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_time::near_edge;
     use proptest::prelude::*;
 
-    /// An engine that is never asked: these tests call `store` and `lookup`
-    /// directly.
+    /// An engine that is never called, because these tests call `store` and
+    /// `lookup` directly.
     struct NoEngine;
 
     impl PolicyClient for NoEngine {
@@ -277,16 +278,6 @@ mod tests {
         }
     }
 
-    /// Picks a lookup time in milliseconds a few milliseconds around `edge`,
-    /// or anywhere in a wide range.
-    fn near(edge: u64, delta: i64, anywhere: u64, exact: bool) -> u64 {
-        if exact {
-            edge.saturating_add_signed(delta)
-        } else {
-            anywhere
-        }
-    }
-
     proptest! {
         /// An allow is served exactly before the expiry its lifetime gives,
         /// counted from when it was stored, and never at or after it.
@@ -301,7 +292,7 @@ mod tests {
             let base = Instant::now();
             let cache = CachedPolicy::new(Arc::new(NoEngine), 8);
             let expiry_ms = stored_ms + lifetime_ms;
-            let now_ms = near(expiry_ms, delta, anywhere, exact);
+            let now_ms = near_edge(expiry_ms, delta, anywhere, exact);
 
             cache.store(key(), &allow(lifetime_ms), base + Duration::from_millis(stored_ms));
             let served = cache.lookup(&key(), base + Duration::from_millis(now_ms));
@@ -331,7 +322,7 @@ mod tests {
                 expiry_ms = stored_ms + lifetime_ms;
                 cache.store(key(), &allow(*lifetime_ms), base + Duration::from_millis(stored_ms));
             }
-            let now_ms = stored_ms.max(near(expiry_ms, delta, anywhere, exact));
+            let now_ms = stored_ms.max(near_edge(expiry_ms, delta, anywhere, exact));
 
             let served = cache.lookup(&key(), base + Duration::from_millis(now_ms));
 

@@ -406,6 +406,7 @@ async fn drain(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_time::near_edge;
     use proptest::prelude::*;
 
     proptest! {
@@ -421,11 +422,7 @@ mod tests {
         ) {
             let since = Instant::now();
             let grace = Duration::from_millis(grace_ms);
-            let elapsed_ms = if exact {
-                grace_ms.saturating_add_signed(delta)
-            } else {
-                anywhere
-            };
+            let elapsed_ms = near_edge(grace_ms, delta, anywhere, exact);
             let now = since + Duration::from_millis(elapsed_ms);
 
             let retry_at = policy_outage_retry_at(grace, since, now);

@@ -425,7 +425,7 @@ fn distribution_point_uris_read() {
 proptest::proptest! {
     /// A CRL is accepted exactly when its thisUpdate is at most the clock
     /// skew ahead of now and its nextUpdate, if any, is not before its
-    /// thisUpdate; a past nextUpdate is accepted and left to the staleness
+    /// thisUpdate. A past nextUpdate is accepted and left to the staleness
     /// rules.
     #[test]
     fn crl_times_checked_with_skew(

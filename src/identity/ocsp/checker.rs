@@ -564,9 +564,10 @@ fn outcome_label(outcome: &Outcome) -> &'static str {
 mod tests {
     use super::*;
     use crate::identity::ocsp::CertIdHash;
+    use crate::test_time::near_edge;
     use proptest::prelude::*;
 
-    /// A second count as a time, counted from the Unix epoch.
+    /// Converts seconds since the Unix epoch to a `SystemTime`.
     fn at(unix_secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(unix_secs)
     }
@@ -617,20 +618,11 @@ mod tests {
         }
     }
 
-    /// Picks a time a few seconds around `edge`, or anywhere in a wide range.
-    fn near(edge: u64, delta: i64, anywhere: u64, exact: bool) -> u64 {
-        if exact {
-            edge.saturating_add_signed(delta)
-        } else {
-            anywhere
-        }
-    }
-
     proptest! {
-        /// A cached answer is served without a request exactly while `now`
-        /// is before its validUntil, and never when a refresh is asked for.
+        /// A cached status is returned without a request exactly while `now`
+        /// is before its validUntil, and never when a refresh is requested.
         #[test]
-        fn cached_answer_served_only_before_valid_until(
+        fn cached_status_served_before_valid_until(
             lifetime in 0u64..100_000,
             revoked in any::<bool>(),
             exact in any::<bool>(),
@@ -639,17 +631,17 @@ mod tests {
         ) {
             let this_update = 1_800_000_000;
             let valid_until = this_update + lifetime;
-            let now = near(valid_until, delta, anywhere, exact);
+            let now = near_edge(valid_until, delta, anywhere, exact);
             let entry = entry(Some(checked(revoked, this_update, valid_until)), None);
 
             let served = cached_outcome(&entry, at(now), false);
             let refreshed = cached_outcome(&entry, at(now), true);
 
             match served {
-                Some(Ok(answer)) => {
+                Some(Ok(status)) => {
                     prop_assert!(now < valid_until, "served at {now}, valid until {valid_until}");
-                    prop_assert!(answer.from_cache);
-                    prop_assert_eq!(answer.valid_until, at(valid_until));
+                    prop_assert!(status.from_cache);
+                    prop_assert_eq!(status.valid_until, at(valid_until));
                 }
                 Some(Err(error)) => prop_assert!(false, "error without a failure: {error}"),
                 None => prop_assert!(now >= valid_until, "not served at {now}, valid until {valid_until}"),
@@ -657,36 +649,36 @@ mod tests {
             prop_assert!(refreshed.is_none(), "served although a refresh was asked for");
         }
 
-        /// A failed request is answered from the cache with its error exactly
-        /// while `now` is before the end of the failure backoff, unless a
-        /// fresh answer is cached.
+        /// The cache returns the error of a failed request exactly while `now`
+        /// is before the end of the failure backoff, unless a fresh status is
+        /// cached.
         #[test]
         fn failure_served_only_during_backoff(
             backoff in 0u64..600,
-            expired_answer in any::<bool>(),
+            expired_status in any::<bool>(),
             exact in any::<bool>(),
             delta in -3i64..=3,
             anywhere in 1_799_999_000u64..1_800_001_000,
         ) {
             let failed_at = 1_800_000_000;
             let until = failed_at + backoff;
-            let now = near(until, delta, anywhere, exact);
-            // An answer that expired before the failure stays for soft-fail.
-            let answer = expired_answer.then(|| checked(false, failed_at - 7200, failed_at - 3600));
-            let entry = entry(answer, Some(until));
+            let now = near_edge(until, delta, anywhere, exact);
+            // A status that expired before the failure stays for soft-fail.
+            let expired = expired_status.then(|| checked(false, failed_at - 7200, failed_at - 3600));
+            let entry = entry(expired, Some(until));
 
             let served = cached_outcome(&entry, at(now), false);
 
             match served {
                 Some(Err(_)) => prop_assert!(now < until, "error served at {now}, backoff ends {until}"),
-                Some(Ok(_)) => prop_assert!(false, "an expired answer was served at {now}"),
+                Some(Ok(_)) => prop_assert!(false, "an expired status was served at {now}"),
                 None => prop_assert!(now >= until, "no error at {now}, backoff ends {until}"),
             }
         }
 
-        /// A good answer is due for refresh exactly when its validUntil is at
-        /// most `margin` after `now`; a revoked answer never is, and nothing
-        /// is due during a failure backoff.
+        /// A good status is due for refresh exactly when its validUntil is at
+        /// most `margin` after `now`. A revoked status never is, and nothing is
+        /// due during a failure backoff.
         #[test]
         fn refresh_due_at_margin(
             lifetime in 0u64..100_000,
@@ -699,7 +691,7 @@ mod tests {
         ) {
             let this_update = 1_800_000_000;
             let valid_until = this_update + lifetime;
-            let now = near(valid_until - margin.min(valid_until), delta, anywhere, exact);
+            let now = near_edge(valid_until - margin.min(valid_until), delta, anywhere, exact);
             let entry = entry(Some(checked(revoked, this_update, valid_until)), backoff_until);
 
             let due = needs_refresh(&entry, at(now), Duration::from_secs(margin));
@@ -710,10 +702,10 @@ mod tests {
         }
     }
 
-    /// An entry without an answer is due for refresh unless it is in a
+    /// An entry without a status is due for refresh unless it is in a
     /// failure backoff.
     #[test]
-    fn entry_without_answer_due_after_backoff() {
+    fn entry_without_status_due_after_backoff() {
         let during = entry(None, Some(1_800_000_010));
         assert!(!needs_refresh(
             &during,

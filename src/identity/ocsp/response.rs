@@ -533,7 +533,7 @@ mod tests {
         assert_eq!(describe_algorithm(&[]), "<undecodable>");
     }
 
-    /// A second count as a time, counted from the Unix epoch.
+    /// Converts seconds since the Unix epoch to a `SystemTime`.
     fn at(unix_secs: i64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(unix_secs.unsigned_abs())
     }
