@@ -26,6 +26,8 @@ pub mod protocol;
 pub mod sandbox;
 pub mod session;
 pub mod telemetry;
+#[cfg(test)]
+mod test_time;
 pub mod tuning;
 
 /// Installs ring as the process-wide rustls crypto provider. Safe to call

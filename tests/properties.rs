@@ -1,10 +1,15 @@
 //! Property tests for decision logic that takes time as an input: session
-//! deadlines (`admission::deadline_for`) and the per-source log limiter.
+//! deadlines (`admission::deadline_for`), the per-source log limiter and the
+//! OCSP soft-fail staleness limit (`identity::ocsp::decide`). The caches'
+//! expiry rules have unit property tests beside their private code.
 
 use proptest::prelude::*;
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use ztgate::admission::deadline_for;
+use ztgate::identity::ocsp::{
+    decide, Checked, OcspError, OcspMode, OcspStatus, SoftFailWithoutAnswer,
+};
 use ztgate::identity::DeviceIdentity;
 use ztgate::policy::Decision;
 use ztgate::protocol::{parse_preamble, preamble};
@@ -382,5 +387,75 @@ fn preamble_accepts_only_version_and_zero_flags() {
                 "preamble {bytes:?}"
             );
         }
+    }
+}
+
+const RESPONDER: &str = "http://127.0.0.1:1/";
+
+fn ocsp_good(this_update: SystemTime, from_cache: bool) -> Checked {
+    let valid_until = this_update + Duration::from_secs(3600);
+    Checked {
+        status: OcspStatus::Good {
+            this_update,
+            next_update: valid_until,
+        },
+        from_cache,
+        fetched_at: this_update,
+        this_update,
+        valid_until,
+        responder_url: RESPONDER.to_owned(),
+    }
+}
+
+fn without_answer() -> impl Strategy<Value = SoftFailWithoutAnswer> {
+    prop_oneof![
+        Just(SoftFailWithoutAnswer::Admit),
+        Just(SoftFailWithoutAnswer::Refuse),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// When the OCSP lookup fails, soft-fail admits on a cached good status
+    /// exactly while it is at most `max_staleness` past its thisUpdate, and
+    /// hard-fail never admits.
+    #[test]
+    fn ocsp_soft_fail_admits_within_staleness(
+        max_staleness in 0u64..172_800,
+        without_answer in without_answer(),
+        exact in any::<bool>(),
+        delta in -3i64..=3,
+        anywhere in 0u64..400_000,
+    ) {
+        let this_update = SystemTime::UNIX_EPOCH + Duration::from_secs(NOW_UNIX as u64);
+        let age = if exact {
+            max_staleness.saturating_add_signed(delta)
+        } else {
+            anywhere
+        };
+        let now = this_update + Duration::from_secs(age);
+        let cached = ocsp_good(this_update, true);
+        let failure: Result<Checked, OcspError> = Err(OcspError::Timeout {
+            url: RESPONDER.to_owned(),
+            timeout: Duration::from_secs(2),
+        });
+        let soft = OcspMode::SoftFail {
+            max_staleness: Duration::from_secs(max_staleness),
+            without_answer,
+        };
+
+        let soft_decision = decide(&soft, &failure, Some(&cached), now);
+        let hard_decision = decide(&OcspMode::HardFail, &failure, Some(&cached), now);
+
+        prop_assert_eq!(
+            soft_decision.is_admit(),
+            age <= max_staleness,
+            "age {}s, limit {}s: {:?}",
+            age,
+            max_staleness,
+            soft_decision
+        );
+        prop_assert!(!hard_decision.is_admit(), "hard-fail admitted: {:?}", hard_decision);
     }
 }

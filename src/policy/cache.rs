@@ -226,3 +226,126 @@ impl PolicyClient for CachedPolicy {
         Box::pin(self.evaluate(input))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_time::near_edge;
+    use proptest::prelude::*;
+
+    /// An engine that is never called, because these tests call `store` and
+    /// `lookup` directly.
+    struct NoEngine;
+
+    impl PolicyClient for NoEngine {
+        fn engine(&self) -> &'static str {
+            "none"
+        }
+
+        fn decide<'a>(&'a self, _input: &'a PolicyInput) -> DecisionFuture<'a> {
+            Box::pin(async {
+                Err(PolicyError::Engine {
+                    engine: "none",
+                    message: "not used in this test".to_owned(),
+                })
+            })
+        }
+    }
+
+    fn key() -> CacheKey {
+        CacheKey {
+            cert_sha256: "00".repeat(32),
+            application: "app".to_owned(),
+            client_address: std::net::IpAddr::from([127, 0, 0, 1]),
+            transport: "tcp",
+            posture: 0,
+        }
+    }
+
+    fn allow(lifetime_ms: u64) -> Decision {
+        Decision::Allow {
+            lifetime: Duration::from_millis(lifetime_ms),
+            max_session: None,
+            rule: "test".to_owned(),
+        }
+    }
+
+    fn deny() -> Decision {
+        Decision::Deny {
+            reason: "denied".to_owned(),
+            remediation: None,
+            rule: "test".to_owned(),
+        }
+    }
+
+    proptest! {
+        /// An allow is served exactly before the expiry its lifetime gives,
+        /// counted from when it was stored, and never at or after it.
+        #[test]
+        fn allow_served_only_before_expiry(
+            stored_ms in 0u64..10_000,
+            lifetime_ms in 0u64..100_000,
+            exact in any::<bool>(),
+            delta in -3i64..=3,
+            anywhere in 0u64..200_000,
+        ) {
+            let base = Instant::now();
+            let cache = CachedPolicy::new(Arc::new(NoEngine), 8);
+            let expiry_ms = stored_ms + lifetime_ms;
+            let now_ms = near_edge(expiry_ms, delta, anywhere, exact);
+
+            cache.store(key(), &allow(lifetime_ms), base + Duration::from_millis(stored_ms));
+            let served = cache.lookup(&key(), base + Duration::from_millis(now_ms));
+
+            prop_assert_eq!(served.is_some(), now_ms < expiry_ms, "lookup at {} ms, expiry {} ms", now_ms, expiry_ms);
+            if let Some(decision) = served {
+                prop_assert_eq!(decision, allow(lifetime_ms));
+            }
+        }
+
+        /// Storing a key again replaces its expiry with the one the latest
+        /// allow gives, so a shorter new lifetime is never extended by an
+        /// earlier, longer one.
+        #[test]
+        fn latest_allow_sets_expiry(
+            stores in proptest::collection::vec((0u64..5_000, 0u64..50_000), 1..6),
+            exact in any::<bool>(),
+            delta in -3i64..=3,
+            anywhere in 0u64..200_000,
+        ) {
+            let base = Instant::now();
+            let cache = CachedPolicy::new(Arc::new(NoEngine), 8);
+            let mut stored_ms = 0;
+            let mut expiry_ms = 0;
+            for (gap_ms, lifetime_ms) in &stores {
+                stored_ms += gap_ms;
+                expiry_ms = stored_ms + lifetime_ms;
+                cache.store(key(), &allow(*lifetime_ms), base + Duration::from_millis(stored_ms));
+            }
+            let now_ms = stored_ms.max(near_edge(expiry_ms, delta, anywhere, exact));
+
+            let served = cache.lookup(&key(), base + Duration::from_millis(now_ms));
+
+            prop_assert_eq!(served.is_some(), now_ms < expiry_ms, "lookup at {} ms, last expiry {} ms", now_ms, expiry_ms);
+        }
+
+        /// Only allows are cached, and nothing is cached with capacity 0.
+        #[test]
+        fn only_allows_cached_with_capacity(
+            lifetime_ms in 1u64..100_000,
+            capacity in 0usize..3,
+            now_ms in 0u64..1_000,
+        ) {
+            let base = Instant::now();
+            let cache = CachedPolicy::new(Arc::new(NoEngine), capacity);
+
+            cache.store(key(), &deny(), base);
+            let denied = cache.lookup(&key(), base + Duration::from_millis(now_ms));
+            cache.store(key(), &allow(lifetime_ms), base);
+            let allowed = cache.lookup(&key(), base + Duration::from_millis(now_ms));
+
+            prop_assert!(denied.is_none(), "a deny was cached");
+            prop_assert_eq!(allowed.is_some(), capacity > 0 && now_ms < lifetime_ms);
+        }
+    }
+}

@@ -11,7 +11,7 @@ use rustls::pki_types::CertificateDer;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 
 /// A request to end a session, with the code and reason sent to the client.
@@ -241,19 +241,20 @@ async fn reevaluate(
             // The engine is failing: keep the last allow for the grace period,
             // trying again meanwhile, then close.
             let grace = generation.timeouts.policy_failure_grace;
-            let since = *state.policy_outage_since.get_or_insert_with(Instant::now);
-            let left = grace.saturating_sub(since.elapsed());
-            if left.is_zero() {
+            let now = Instant::now();
+            let since = *state.policy_outage_since.get_or_insert(now);
+            let Some(retry_at) = policy_outage_retry_at(grace, since, now) else {
                 tracing::info!(trigger, reason = %refusal.reason, grace = ?grace, "policy engine still failing after the grace period; closing the session");
                 return Err(CloseRequest {
                     code: refusal.code,
                     reason: refusal.reason,
                     remediation: None,
                 });
-            }
+            };
+            let left = grace.saturating_sub(now.saturating_duration_since(since));
             tracing::warn!(trigger, reason = %refusal.reason, grace_left = ?left, "policy engine failing; the session keeps its last decision for now");
             state.admitted.deadline = Some(Deadline {
-                at: Instant::now() + left.min(admission::POLICY_FAILURE_RETRY),
+                at: retry_at,
                 reevaluate: true,
                 reason: "policy engine failing".into(),
             });
@@ -274,6 +275,22 @@ async fn reevaluate(
             })
         }
     }
+}
+
+/// Returns when to evaluate again a session whose policy engine has failed
+/// since `outage_since`: after `POLICY_FAILURE_RETRY` at most, and no later
+/// than the end of the failure `grace`. Returns `None` once the grace has run
+/// out, when the session must close.
+pub(crate) fn policy_outage_retry_at(
+    grace: Duration,
+    outage_since: Instant,
+    now: Instant,
+) -> Option<Instant> {
+    let left = grace.saturating_sub(now.saturating_duration_since(outage_since));
+    if left.is_zero() {
+        return None;
+    }
+    Some(now + left.min(admission::POLICY_FAILURE_RETRY))
 }
 
 /// Checks the session's chain against changed revocation data, without a
@@ -384,4 +401,41 @@ async fn drain(
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     CloseRequest::new(Code::GoingAway, "the gateway is shutting down")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_time::near_edge;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// During a policy engine outage the last allow is kept exactly while
+        /// less than the failure grace has passed, and the next evaluation is
+        /// never later than the end of the grace or one retry interval away.
+        #[test]
+        fn outage_keeps_decision_only_within_grace(
+            grace_ms in 0u64..120_000,
+            exact in any::<bool>(),
+            delta in -3i64..=3,
+            anywhere in 0u64..240_000,
+        ) {
+            let since = Instant::now();
+            let grace = Duration::from_millis(grace_ms);
+            let elapsed_ms = near_edge(grace_ms, delta, anywhere, exact);
+            let now = since + Duration::from_millis(elapsed_ms);
+
+            let retry_at = policy_outage_retry_at(grace, since, now);
+
+            match retry_at {
+                Some(at) => {
+                    prop_assert!(elapsed_ms < grace_ms, "kept after {} ms of a {} ms grace", elapsed_ms, grace_ms);
+                    prop_assert!(at > now);
+                    prop_assert!(at <= since + grace, "retry after the grace ends");
+                    prop_assert!(at <= now + admission::POLICY_FAILURE_RETRY);
+                }
+                None => prop_assert!(elapsed_ms >= grace_ms, "closed after {} ms of a {} ms grace", elapsed_ms, grace_ms),
+            }
+        }
+    }
 }

@@ -408,7 +408,9 @@ fn read_issuing_distribution_point(value: &[u8]) -> Result<(CrlScope, Vec<String
     Ok((scope, uris))
 }
 
-fn check_times(
+/// Checks thisUpdate against `checks.now_unix` plus the clock skew, and
+/// nextUpdate against thisUpdate.
+pub(super) fn check_times(
     this_update: i64,
     next_update: Option<i64>,
     checks: &CrlChecks<'_>,

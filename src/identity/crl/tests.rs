@@ -1,6 +1,6 @@
 //! CRL decoding tests with CRLs made by `openssl ca` at test time.
 
-use super::decode::read_entry_extensions;
+use super::decode::{check_times, read_entry_extensions};
 use super::index::{canonical_integer, InlineSerial};
 use super::*;
 use crate::identity::test_pki::{now_unix, openssl_time, Pki};
@@ -420,4 +420,46 @@ fn distribution_point_uris_read() {
 
     assert_eq!(uris, ["http://127.0.0.1:9/device-ca.crl"]);
     assert!(none.is_empty());
+}
+
+proptest::proptest! {
+    /// A CRL is accepted exactly when its thisUpdate is at most the clock
+    /// skew ahead of now and its nextUpdate, if any, is not before its
+    /// thisUpdate. A past nextUpdate is accepted and left to the staleness
+    /// rules.
+    #[test]
+    fn crl_times_checked_with_skew(
+        this_update in 1_800_000_000i64..1_800_100_000,
+        next_after in proptest::option::of(-100i64..200_000),
+        skew in 0i64..900,
+        exact in proptest::bool::ANY,
+        delta in -3i64..=3,
+        anywhere in 1_799_900_000i64..1_800_500_000,
+    ) {
+        let now = if exact { this_update - skew + delta } else { anywhere };
+        let checks = CrlChecks {
+            signers: &[],
+            now_unix: now,
+            clock_skew_secs: skew,
+        };
+
+        let result = check_times(this_update, next_after.map(|after| this_update + after), &checks);
+
+        let in_future = this_update > now + skew;
+        let inverted = next_after.is_some_and(|after| after < 0);
+        match result {
+            Ok(()) => {
+                proptest::prop_assert!(!in_future, "thisUpdate {this_update} accepted at {now} with skew {skew}");
+                proptest::prop_assert!(!inverted, "nextUpdate before thisUpdate accepted");
+            }
+            Err(CrlErrorKind::ThisUpdateInFuture { .. }) => {
+                proptest::prop_assert!(in_future, "thisUpdate {this_update} rejected at {now} with skew {skew}");
+            }
+            Err(CrlErrorKind::NextUpdateBeforeThisUpdate { .. }) => {
+                proptest::prop_assert!(!in_future);
+                proptest::prop_assert!(inverted, "ordered times rejected");
+            }
+            Err(other) => proptest::prop_assert!(false, "unexpected error {other}"),
+        }
+    }
 }

@@ -559,3 +559,163 @@ fn outcome_label(outcome: &Outcome) -> &'static str {
         Err(error) => error.label(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::ocsp::CertIdHash;
+    use crate::test_time::near_edge;
+    use proptest::prelude::*;
+
+    /// Converts seconds since the Unix epoch to a `SystemTime`.
+    fn at(unix_secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(unix_secs)
+    }
+
+    fn checked(status_revoked: bool, this_update: u64, valid_until: u64) -> Checked {
+        let status = if status_revoked {
+            OcspStatus::Revoked {
+                revocation_time: at(this_update),
+                reason: None,
+            }
+        } else {
+            OcspStatus::Good {
+                this_update: at(this_update),
+                next_update: at(valid_until),
+            }
+        };
+        Checked {
+            status,
+            from_cache: false,
+            fetched_at: at(this_update),
+            this_update: at(this_update),
+            valid_until: at(valid_until),
+            responder_url: "http://127.0.0.1:1/".to_owned(),
+        }
+    }
+
+    fn entry(checked: Option<Checked>, failure_until: Option<u64>) -> Entry {
+        let url = "http://127.0.0.1:1/".to_owned();
+        let error = OcspError::Timeout {
+            url: url.clone(),
+            timeout: Duration::from_secs(1),
+        };
+        Entry {
+            target: Arc::new(Target {
+                cert_id: CertId {
+                    hash: CertIdHash::Sha1,
+                    issuer_name_hash: vec![1; 20],
+                    issuer_key_hash: vec![2; 20],
+                    serial: vec![0x20],
+                },
+                issuer: CertificateDer::from(Vec::new()),
+                url,
+                issuer_raw_sha256: "00".repeat(32),
+            }),
+            sequence: 0,
+            checked,
+            failure: failure_until.map(|until| (at(until), error)),
+        }
+    }
+
+    proptest! {
+        /// A cached status is returned without a request exactly while `now`
+        /// is before its validUntil, and never when a refresh is requested.
+        #[test]
+        fn cached_status_served_before_valid_until(
+            lifetime in 0u64..100_000,
+            revoked in any::<bool>(),
+            exact in any::<bool>(),
+            delta in -3i64..=3,
+            anywhere in 1_799_000_000u64..1_801_000_000,
+        ) {
+            let this_update = 1_800_000_000;
+            let valid_until = this_update + lifetime;
+            let now = near_edge(valid_until, delta, anywhere, exact);
+            let entry = entry(Some(checked(revoked, this_update, valid_until)), None);
+
+            let served = cached_outcome(&entry, at(now), false);
+            let refreshed = cached_outcome(&entry, at(now), true);
+
+            match served {
+                Some(Ok(status)) => {
+                    prop_assert!(now < valid_until, "served at {now}, valid until {valid_until}");
+                    prop_assert!(status.from_cache);
+                    prop_assert_eq!(status.valid_until, at(valid_until));
+                }
+                Some(Err(error)) => prop_assert!(false, "error without a failure: {error}"),
+                None => prop_assert!(now >= valid_until, "not served at {now}, valid until {valid_until}"),
+            }
+            prop_assert!(refreshed.is_none(), "served although a refresh was asked for");
+        }
+
+        /// The cache returns the error of a failed request exactly while `now`
+        /// is before the end of the failure backoff, unless a fresh status is
+        /// cached.
+        #[test]
+        fn failure_served_only_during_backoff(
+            backoff in 0u64..600,
+            expired_status in any::<bool>(),
+            exact in any::<bool>(),
+            delta in -3i64..=3,
+            anywhere in 1_799_999_000u64..1_800_001_000,
+        ) {
+            let failed_at = 1_800_000_000;
+            let until = failed_at + backoff;
+            let now = near_edge(until, delta, anywhere, exact);
+            // A status that expired before the failure stays for soft-fail.
+            let expired = expired_status.then(|| checked(false, failed_at - 7200, failed_at - 3600));
+            let entry = entry(expired, Some(until));
+
+            let served = cached_outcome(&entry, at(now), false);
+
+            match served {
+                Some(Err(_)) => prop_assert!(now < until, "error served at {now}, backoff ends {until}"),
+                Some(Ok(_)) => prop_assert!(false, "an expired status was served at {now}"),
+                None => prop_assert!(now >= until, "no error at {now}, backoff ends {until}"),
+            }
+        }
+
+        /// A good status is due for refresh exactly when its validUntil is at
+        /// most `margin` after `now`. A revoked status never is, and nothing is
+        /// due during a failure backoff.
+        #[test]
+        fn refresh_due_at_margin(
+            lifetime in 0u64..100_000,
+            margin in 0u64..3_600,
+            revoked in any::<bool>(),
+            backoff_until in proptest::option::of(1_799_990_000u64..1_800_200_000),
+            exact in any::<bool>(),
+            delta in -3i64..=3,
+            anywhere in 1_799_990_000u64..1_800_200_000,
+        ) {
+            let this_update = 1_800_000_000;
+            let valid_until = this_update + lifetime;
+            let now = near_edge(valid_until - margin.min(valid_until), delta, anywhere, exact);
+            let entry = entry(Some(checked(revoked, this_update, valid_until)), backoff_until);
+
+            let due = needs_refresh(&entry, at(now), Duration::from_secs(margin));
+
+            let in_backoff = backoff_until.is_some_and(|until| now < until);
+            let expected = !in_backoff && !revoked && valid_until <= now + margin;
+            prop_assert_eq!(due, expected, "now {} valid until {} margin {}", now, valid_until, margin);
+        }
+    }
+
+    /// An entry without a status is due for refresh unless it is in a
+    /// failure backoff.
+    #[test]
+    fn entry_without_status_due_after_backoff() {
+        let during = entry(None, Some(1_800_000_010));
+        assert!(!needs_refresh(
+            &during,
+            at(1_800_000_009),
+            Duration::from_secs(60)
+        ));
+        assert!(needs_refresh(
+            &during,
+            at(1_800_000_010),
+            Duration::from_secs(60)
+        ));
+    }
+}

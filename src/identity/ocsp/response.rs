@@ -158,29 +158,15 @@ pub fn verify(
     check_critical_extensions(single.single_extensions.as_deref(), url)?;
 
     let this_update = single.this_update.0.to_system_time();
-    let ahead = this_update.duration_since(now).unwrap_or(Duration::ZERO);
-    if ahead > expected.clock_skew {
-        return Err(OcspError::NotYetValid {
-            url: url.to_owned(),
-            this_update: format_time(this_update),
-            skew: expected.clock_skew,
-        });
-    }
-    let valid_until = match single.next_update {
-        Some(next_update) => next_update.0.to_system_time(),
-        None => this_update
-            .checked_add(expected.default_lifetime)
-            .ok_or_else(|| {
-                malformed("thisUpdate plus the default lifetime is out of range".to_owned())
-            })?,
-    };
-    let late = now.duration_since(valid_until).unwrap_or(Duration::ZERO);
-    if late > expected.clock_skew {
-        return Err(OcspError::Expired {
-            url: url.to_owned(),
-            valid_until: format_time(valid_until),
-        });
-    }
+    let next_update = single.next_update.map(|time| time.0.to_system_time());
+    let valid_until = check_validity(
+        url,
+        this_update,
+        next_update,
+        expected.clock_skew,
+        expected.default_lifetime,
+        now,
+    )?;
 
     let status = match single.cert_status {
         CertStatus::Good(_) => OcspStatus::Good {
@@ -210,6 +196,44 @@ fn check_response_status(status: OcspResponseStatus, url: &str) -> Result<(), Oc
         OcspResponseStatus::SigRequired => Err(OcspError::SigRequired { url }),
         OcspResponseStatus::Unauthorized => Err(OcspError::Unauthorized { url }),
     }
+}
+
+/// Returns the end of a response's validity: `next_update`, or `this_update`
+/// plus `default_lifetime` when the response has no nextUpdate. Fails when
+/// `now` is more than `clock_skew` before `this_update` or after that end.
+pub(crate) fn check_validity(
+    url: &str,
+    this_update: SystemTime,
+    next_update: Option<SystemTime>,
+    clock_skew: Duration,
+    default_lifetime: Duration,
+    now: SystemTime,
+) -> Result<SystemTime, OcspError> {
+    let ahead = this_update.duration_since(now).unwrap_or(Duration::ZERO);
+    if ahead > clock_skew {
+        return Err(OcspError::NotYetValid {
+            url: url.to_owned(),
+            this_update: format_time(this_update),
+            skew: clock_skew,
+        });
+    }
+    let valid_until = match next_update {
+        Some(next_update) => next_update,
+        None => this_update
+            .checked_add(default_lifetime)
+            .ok_or_else(|| OcspError::Malformed {
+                url: url.to_owned(),
+                detail: "thisUpdate plus the default lifetime is out of range".to_owned(),
+            })?,
+    };
+    let late = now.duration_since(valid_until).unwrap_or(Duration::ZERO);
+    if late > clock_skew {
+        return Err(OcspError::Expired {
+            url: url.to_owned(),
+            valid_until: format_time(valid_until),
+        });
+    }
+    Ok(valid_until)
 }
 
 /// Rejects critical extensions other than the nonce, which RFC 6960
@@ -507,5 +531,65 @@ mod tests {
 
         assert_eq!(describe_algorithm(&id), "1.2.840.10045.4.3.2");
         assert_eq!(describe_algorithm(&[]), "<undecodable>");
+    }
+
+    /// Converts seconds since the Unix epoch to a `SystemTime`.
+    fn at(unix_secs: i64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(unix_secs.unsigned_abs())
+    }
+
+    /// Picks `now` a few seconds around one edge of the validity window
+    /// widened by `skew`, or anywhere in a wide range.
+    fn pick_now(edge: u8, delta: i64, anywhere: i64, start: i64, end: i64, skew: i64) -> i64 {
+        match edge {
+            0 => start - skew + delta,
+            1 => end + skew + delta,
+            _ => anywhere,
+        }
+    }
+
+    proptest::proptest! {
+        /// A response is accepted exactly while `now` lies within
+        /// [thisUpdate - skew, validUntil + skew], and validUntil is its
+        /// nextUpdate or else thisUpdate plus the default lifetime.
+        #[test]
+        fn validity_window_widened_by_skew_only(
+            this_update in 1_800_000_000i64..1_800_100_000,
+            next_after in proptest::option::of(0i64..200_000),
+            default_lifetime in 0i64..200_000,
+            skew in 0i64..=900,
+            edge in 0u8..3,
+            delta in -3i64..=3,
+            anywhere in 1_799_900_000i64..1_800_400_000,
+        ) {
+            let end = this_update + next_after.unwrap_or(default_lifetime);
+            let now = pick_now(edge, delta, anywhere, this_update, end, skew);
+
+            let result = check_validity(
+                "http://127.0.0.1:1/",
+                at(this_update),
+                next_after.map(|after| at(this_update + after)),
+                Duration::from_secs(skew.unsigned_abs()),
+                Duration::from_secs(default_lifetime.unsigned_abs()),
+                at(now),
+            );
+
+            let too_early = now + skew < this_update;
+            let too_late = now > end + skew;
+            match result {
+                Ok(valid_until) => {
+                    proptest::prop_assert!(!too_early && !too_late, "accepted at {now}");
+                    proptest::prop_assert_eq!(valid_until, at(end));
+                }
+                Err(OcspError::NotYetValid { .. }) => {
+                    proptest::prop_assert!(too_early, "not yet valid at {now}");
+                }
+                Err(OcspError::Expired { .. }) => {
+                    proptest::prop_assert!(!too_early, "expired before thisUpdate at {now}");
+                    proptest::prop_assert!(too_late, "expired at {now}");
+                }
+                Err(other) => proptest::prop_assert!(false, "unexpected error {other}"),
+            }
+        }
     }
 }

@@ -34,8 +34,7 @@ pub use settings::{
 pub use verdict::{RevocationOutcome, RevocationVerdict};
 
 use self::push::{covered_by_crl, load_state, save_state, PushIndex};
-use self::settings::secs;
-use self::snapshot::{crl_expiry, Snapshot};
+use self::snapshot::{crl_stale_after, Snapshot};
 use self::sources::{
     compare_with_installed, load, next_due_after_failure, next_due_after_success, CaState, LoadJob,
     LoadResult, Source, SourceKind,
@@ -584,10 +583,9 @@ impl RevocationStore {
         let mut wake = now.saturating_add(MAX_REFRESH_SLEEP_SECS);
 
         for (name, view) in &snapshot.cas {
-            let grace = secs(view.settings.stale_grace);
             let mut oldest_age: Option<i64> = None;
             for crl in view.crls.values().flatten() {
-                let stale_at = crl_expiry(crl, &view.settings).saturating_add(grace);
+                let stale_at = crl_stale_after(crl, &view.settings);
                 if now > stale_at {
                     stale.insert((name.clone(), crl.issuer_sha256));
                 } else {
@@ -685,11 +683,10 @@ impl RevocationStore {
                 let this_update = source.crls.iter().map(|crl| crl.this_update).min();
                 let stale = source.crls.is_empty()
                     || settings.is_some_and(|settings| {
-                        source.crls.iter().any(|crl| {
-                            now_unix
-                                > crl_expiry(crl, settings)
-                                    .saturating_add(secs(settings.stale_grace))
-                        })
+                        source
+                            .crls
+                            .iter()
+                            .any(|crl| now_unix > crl_stale_after(crl, settings))
                     });
                 SourceStatus {
                     ca: source.ca.to_string(),

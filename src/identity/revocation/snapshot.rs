@@ -218,7 +218,7 @@ impl Snapshot {
         }
 
         let expired_at = crl_expiry(crl, &view.settings);
-        if now_unix > expired_at.saturating_add(secs(view.settings.stale_grace)) {
+        if now_unix > crl_stale_after(crl, &view.settings) {
             let verdict = RevocationVerdict::Stale {
                 depth,
                 source: crl.origin.clone(),
@@ -293,11 +293,27 @@ impl Issuer<'_> {
 
 /// When a CRL stops being fresh: its nextUpdate, or thisUpdate plus the
 /// refresh interval for a CRL without nextUpdate.
-pub(super) fn crl_expiry(crl: &Crl, settings: &RevocationSettings) -> i64 {
-    crl.next_update.unwrap_or_else(|| {
-        crl.this_update
-            .saturating_add(secs(settings.refresh_interval))
-    })
+fn crl_expiry(crl: &Crl, settings: &RevocationSettings) -> i64 {
+    expiry_of(crl.this_update, crl.next_update, settings)
+}
+
+/// Returns the last Unix second at which `crl` is still current: its expiry
+/// ([`crl_expiry`]) plus the stale grace. The CRL is stale after it.
+pub(super) fn crl_stale_after(crl: &Crl, settings: &RevocationSettings) -> i64 {
+    stale_after(crl.this_update, crl.next_update, settings)
+}
+
+fn expiry_of(this_update: i64, next_update: Option<i64>, settings: &RevocationSettings) -> i64 {
+    next_update.unwrap_or_else(|| this_update.saturating_add(secs(settings.refresh_interval)))
+}
+
+/// [`crl_stale_after`] for a CRL's thisUpdate and nextUpdate.
+pub(super) fn stale_after(
+    this_update: i64,
+    next_update: Option<i64>,
+    settings: &RevocationSettings,
+) -> i64 {
+    expiry_of(this_update, next_update, settings).saturating_add(secs(settings.stale_grace))
 }
 
 /// Keeps `crl` unless a newer CRL of the same issuer and scope is present.
@@ -390,5 +406,67 @@ fn worse(current: Option<RevocationVerdict>, next: RevocationVerdict) -> Revocat
         None => next,
         Some(current) if !current.refuses() && next.refuses() => next,
         Some(current) => current,
+    }
+}
+
+#[cfg(test)]
+mod staleness_tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::time::Duration;
+
+    fn settings(grace: u64, refresh_interval: u64, clock_skew: u64) -> RevocationSettings {
+        RevocationSettings {
+            stale_grace: Duration::from_secs(grace),
+            refresh_interval: Duration::from_secs(refresh_interval),
+            clock_skew: Duration::from_secs(clock_skew),
+            ..RevocationSettings::default()
+        }
+    }
+
+    proptest! {
+        /// A CRL is current up to and including nextUpdate (or thisUpdate
+        /// plus the refresh interval when it has none) plus the stale grace,
+        /// and stale from the next second on.
+        #[test]
+        fn crl_stale_only_after_grace(
+            this_update in 1_800_000_000i64..1_800_100_000,
+            next_after in proptest::option::of(0i64..200_000),
+            refresh_interval in 1u64..86_400,
+            grace in 0u64..86_400,
+            clock_skew in 0u64..900,
+            exact in any::<bool>(),
+            delta in -3i64..=3,
+            anywhere in 1_799_900_000i64..1_800_500_000,
+        ) {
+            let settings = settings(grace, refresh_interval, clock_skew);
+            let expiry = this_update + next_after.unwrap_or(refresh_interval as i64);
+            let last_current = expiry + grace as i64;
+            let now = if exact { last_current + delta } else { anywhere };
+
+            let stale_after = stale_after(this_update, next_after.map(|after| this_update + after), &settings);
+            let stale = now > stale_after;
+
+            prop_assert_eq!(stale_after, last_current);
+            prop_assert_eq!(stale, now > last_current, "now {} expiry {} grace {}", now, expiry, grace);
+            if now <= expiry {
+                prop_assert!(!stale, "stale before nextUpdate");
+            }
+        }
+
+        /// A nextUpdate near the end of the i64 range never overflows into
+        /// an early staleness.
+        #[test]
+        fn crl_far_next_update_never_stale(
+            next_update in (i64::MAX - 1_000)..=i64::MAX,
+            grace in 0u64..86_400,
+            now in 1_800_000_000i64..1_900_000_000,
+        ) {
+            let settings = settings(grace, 3600, 300);
+
+            let stale_after = stale_after(1_800_000_000, Some(next_update), &settings);
+
+            prop_assert!(now <= stale_after);
+        }
     }
 }
