@@ -9,10 +9,10 @@
 # Then it builds every target in release mode and runs
 # `cargo test --release --locked ARGS...`, so `bash scripts/test.sh quic -- --nocapture`
 # runs only the tests whose names contain "quic" and shows their output. Without ARGS it
-# then runs `scripts/bench.sh --quick` on the same build, a smoke test of the benchmark
-# setups that does not judge the figures, and the fuzz smoke test, `scripts/fuzz.sh` in its
-# seed-corpus mode (every fuzz target over fuzz/seeds, a few seconds on the release
-# build). Exits with the first failing status.
+# then runs two smoke tests on the same build. `scripts/fuzz.sh` in its seed-corpus mode
+# runs every fuzz target over fuzz/seeds (a few seconds). `scripts/bench.sh --quick` runs
+# every benchmark setup once and does not judge the figures. Exits with the first failing
+# status.
 
 set -Eeuo pipefail
 

@@ -226,9 +226,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs the gateway. Everything that needs files outside the sandbox (the
-/// config, keys, policies) or inherited sockets happens on this one thread
-/// before the sandbox is applied; the runtime and its threads start after.
+/// Runs the gateway. The config, keys, policies and inherited sockets are
+/// read on this one thread before the sandbox is applied, because the
+/// sandbox then denies those files. The runtime and its threads start after.
 fn serve(config: PathBuf) -> ExitCode {
     ztgate::install_crypto_provider();
     let handle = match ConfigHandle::load(&config) {

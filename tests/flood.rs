@@ -211,7 +211,7 @@ async fn flood_gets_retry_device_admitted() {
     let quic_flood = tokio::spawn(flood_quic(quic, PER_SOURCE_INITIALS, listen_until));
     let tls_flood = tokio::spawn(flood_tls(tls, PER_SOURCE_TCP, Duration::from_millis(1500)));
     // The device connects while both floods run, and receives a Retry
-    // itself once the flood holds 16 handshakes pending.
+    // itself once the flood keeps 16 handshakes pending.
     echo_through(quic, "DEV-0001", 256 * 1024, 2).await;
     let retries = quic_flood.await.expect("QUIC flood");
     let closed_early = tls_flood.await.expect("TLS flood");
@@ -335,8 +335,8 @@ async fn persistent_stream_flood_closes_connection() {
     assert!(stats.streams_rate_limited.load(Ordering::Relaxed) >= 5);
 }
 
-/// A listener whose accept queue is full and never drained: further SYNs are
-/// dropped, so connects to it hang until they time out.
+/// Makes a listener whose accept queue is full and never drained. Further
+/// SYNs are dropped, so connects to it hang until they time out.
 fn stalled_listener() -> (socket2::Socket, Vec<std::net::TcpStream>, SocketAddr) {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");

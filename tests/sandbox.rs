@@ -108,8 +108,8 @@ allow_any_device = true
     path
 }
 
-/// A `ztgate serve` child and its TLS listener, or `None` when the kernel
-/// has no Landlock (the skip is printed).
+/// Starts a sandboxed `ztgate serve` child and returns it with its TLS
+/// listener, or `None` when the kernel has no Landlock (the skip is printed).
 fn serve_sandboxed(config: &Path) -> Option<(Running, SocketAddr)> {
     let mut command = Command::new(env!("CARGO_BIN_EXE_ztgate"));
     command.args(["serve", "--config"]).arg(config);
@@ -143,7 +143,7 @@ fn reload(socket: &Path) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// The leaf certificate the gateway's TLS listener presents.
+/// Returns the leaf certificate the gateway's TLS listener presents.
 async fn served_certificate(addr: SocketAddr) -> Vec<u8> {
     let stream = tls_connect(addr, "DEV-0001", WIKI)
         .await

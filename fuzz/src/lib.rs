@@ -295,7 +295,7 @@ fn fixture_made_at() -> u64 {
     FIXTURE_MADE_AT
         .trim()
         .parse()
-        .expect("fixtures/made-at holds Unix seconds")
+        .expect("fixtures/made-at contains Unix seconds")
 }
 
 fn fixture_leaf_serial() -> Vec<u8> {

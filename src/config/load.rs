@@ -85,9 +85,9 @@ pub fn load_generation(path: &Path, id: u64) -> Result<Generation, ConfigErrors>
     load_generation_within(path, id, None)
 }
 
-/// Like [`load_generation`], and when `sandbox` holds the rules in force,
-/// first rejects every path the config names outside them, so that a reload
-/// fails with the key and the fix instead of a permission error.
+/// Loads a generation like [`load_generation`]. When `sandbox` contains the
+/// rules in force, it first rejects every path the config names outside
+/// them, so a reload fails with the key and the fix, not a permission error.
 pub fn load_generation_within(
     path: &Path,
     id: u64,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
-/// Why a dial produced no connection.
+/// Reason a dial produced no connection.
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
     #[error("{max} upstream dials of this application are in progress and none finished within {waited:?}")]
@@ -17,7 +17,7 @@ pub enum DialError {
     Unreachable(#[from] UpstreamError),
 }
 
-/// How a dial got its slot, for the metrics.
+/// Way a dial got its slot, recorded in the metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DialSlot {
     /// A slot was free at once.
@@ -83,7 +83,7 @@ impl DialLimiter {
 mod tests {
     use super::*;
 
-    /// A loopback listener, kept open by the caller, and an upstream for it.
+    /// Binds a loopback listener, kept open by the caller, and returns an upstream for it.
     async fn listening_upstream() -> (tokio::net::TcpListener, Upstream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

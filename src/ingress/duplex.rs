@@ -50,9 +50,9 @@ where
     R: AsyncRead + Unpin + ?Sized,
     W: AsyncWrite + Unpin + ?Sized,
 {
-    // An idle tunnel holds no copy buffer: until the first bytes arrive the
-    // read waits on a small array in the task, and the buffer of `buffer`
-    // bytes is allocated once data flows.
+    // A tunnel that has carried no data has no copy buffer. Until the first
+    // bytes arrive the read uses a small array in the task, and the buffer
+    // of `buffer` bytes is allocated once data flows.
     let mut first_chunk = [0u8; FIRST_READ_BYTES];
     let mut buf: Vec<u8> = Vec::new();
     let mut total = 0u64;

@@ -85,8 +85,8 @@ impl PathRules {
         if proc_whole {
             push_existing(&mut rules.read, Path::new("/proc"));
         } else {
-            // /proc/self resolves to /proc/PID, which also holds the threads'
-            // entries that /proc/thread-self points to.
+            // /proc/self resolves to /proc/PID, which also contains the
+            // thread entries that /proc/thread-self points to.
             push_existing(&mut rules.read, Path::new("/proc/self"));
         }
         rules.read.sort();
@@ -203,8 +203,8 @@ fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
-/// The canonical directory that contains `file`: the resolved target's
-/// directory when the file exists, otherwise its canonical parent.
+/// Returns the canonical directory that contains `file`: the resolved
+/// target's directory when the file exists, otherwise its canonical parent.
 fn canonical_parent(file: &Path) -> Option<PathBuf> {
     match std::fs::canonicalize(file) {
         Ok(target) => target.parent().map(Path::to_path_buf),

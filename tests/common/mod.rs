@@ -194,7 +194,7 @@ impl TestGateway {
     }
 }
 
-/// A rustls client config for a PKI device, offering `alpn`.
+/// Builds a rustls client config for a PKI device that offers `alpn`.
 pub fn device_tls(device: &str, alpn: &[&str]) -> Arc<rustls::ClientConfig> {
     let mut config = device_tls_config(device);
     config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
@@ -216,7 +216,7 @@ pub async fn tls_connect(
         .map_err(|_| std::io::Error::other("TLS handshake timed out"))?
 }
 
-/// The rustls client config of the named PKI device, e.g. "DEV-0001".
+/// Builds the rustls client config of the named PKI device, e.g. "DEV-0001".
 pub fn device_tls_config(device: &str) -> rustls::ClientConfig {
     let pki = pki();
     client_tls_config(
@@ -227,7 +227,7 @@ pub fn device_tls_config(device: &str) -> rustls::ClientConfig {
     .expect("client TLS config")
 }
 
-/// A device client for the named PKI device, e.g. "DEV-0001".
+/// Makes a device client for the named PKI device, e.g. "DEV-0001".
 pub fn device_client(gateway: SocketAddr, device: &str, server_name: &str) -> Client {
     let tls = device_tls_config(device);
     let bind: SocketAddr = if gateway.is_ipv4() {
