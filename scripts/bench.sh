@@ -26,6 +26,11 @@
 # Idle: ztgate's VmRSS growth with 10,000 admitted QUIC connections without streams and
 # with 5,000 TLS tunnels connected upstream, each on a fresh gateway.
 #
+# ZTGATE_BENCH_WRAPPER, when set, is a command put in front of every `ztgate serve` the
+# script starts, to profile the gateway: for example
+#   ZTGATE_BENCH_WRAPPER="valgrind --tool=massif --massif-out-file=/tmp/massif.%p"
+# (figures measured that way are not comparable).
+#
 # Installs iperf3, stunnel4 and haproxy with apt-get when they are missing (needs root).
 # A full run without --only writes the generated section of docs/benchmarks.md. Every process it starts
 # listens on 127.0.0.1 only, runs for a bounded time and is stopped on exit.
@@ -94,6 +99,7 @@ pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  [ -n "${ZTGATE_BENCH_KEEP:-}" ] && cp -r "$work" "$ZTGATE_BENCH_KEEP"
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -210,7 +216,8 @@ write_gateway_config "$work/ztgate.toml"
 
 # Starts `ztgate serve` as NAME and sets $gateway_pid, $gateway_quic and $gateway_tls.
 start_gateway() {
-  "$bin" serve --config "$work/ztgate.toml" >"$work/$1.out" 2>"$work/$1.log" &
+  # shellcheck disable=SC2086 # the wrapper is a command line, split on purpose
+  ${ZTGATE_BENCH_WRAPPER:-} "$bin" serve --config "$work/ztgate.toml" >"$work/$1.out" 2>"$work/$1.log" &
   gateway_pid=$!
   pids+=("$gateway_pid")
   gateway_quic=$(wait_line "$work/$1.out" "ztgate: listening quic ")

@@ -78,7 +78,9 @@ impl Gateway {
             }
         }
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let shared = Shared::new(config, shutdown_rx.clone(), ocsp, crl.clone());
+        let shared = Shared::new(config, shutdown_rx.clone(), ocsp, crl.clone()).map_err(|e| {
+            std::io::Error::other(format!("cannot create the TLS session ticket keys: {e}"))
+        })?;
         let tls_listeners = bind_tls(listeners.tcp)?;
         let listeners = bind_quic(&shared, listeners.udp)?;
         let quic_addrs = listeners.iter().map(|l| l.local_addr).collect();

@@ -1,19 +1,20 @@
 //! The device side of the TLS-over-TCP ingress: one TLS connection per
 //! tunnel, for networks that block UDP.
 
+use crate::ingress::read_buffer::ReleasingReader;
 use crate::protocol;
 use rustls::pki_types::ServerName;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::BufReader;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 /// A client TLS-over-TCP tunnel. rustls reads at most 4 KiB per call
 /// (`read_tls` in rustls 0.23), so the TCP side is read through a buffer
-/// that takes one large read per system call instead.
-pub type TlsTunnel = TlsStream<BufReader<TcpStream>>;
+/// that takes one large read per system call instead, and is freed while
+/// the tunnel is idle.
+pub type TlsTunnel = TlsStream<ReleasingReader<TcpStream>>;
 
 /// Opens TLS-over-TCP tunnels to one application. Every tunnel shares one
 /// rustls config, and so one session cache: after the first, each
@@ -63,7 +64,7 @@ impl TlsDialer {
                 .await
                 .map_err(|e| format!("cannot connect to {} over TCP: {e}", self.gateway))?;
             let _ = tcp.set_nodelay(true);
-            let tcp = BufReader::with_capacity(self.read_buffer, tcp);
+            let tcp = ReleasingReader::new(tcp, self.read_buffer);
             self.connector
                 .connect(self.server_name.clone(), tcp)
                 .await

@@ -3,6 +3,7 @@
 //! one direction (EOF, or close_notify on TLS) shuts down the writing side of
 //! the other stream and leaves the opposite direction open.
 
+use bytes::BytesMut;
 use futures_util::FutureExt;
 use std::io;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -36,8 +37,8 @@ enum Half {
     Failed(Side, io::Error, u64),
 }
 
-/// Size of the first read of each direction, and the smallest copy buffer.
-const FIRST_READ_BYTES: usize = 1024;
+/// Size of the read that waits for data while a direction holds no buffer.
+const FIRST_READ_BYTES: usize = 256;
 
 async fn copy_half<R, W>(
     from: &mut R,
@@ -50,22 +51,35 @@ where
     R: AsyncRead + Unpin + ?Sized,
     W: AsyncWrite + Unpin + ?Sized,
 {
-    // A tunnel that has carried no data has no copy buffer. Until the first
-    // bytes arrive the read uses a small array in the task, and the buffer
-    // of `buffer` bytes is allocated once data flows.
+    // The copy buffer of `buffer` bytes exists only while data flows. When
+    // a read finds nothing the buffer is freed, and the wait for the next
+    // bytes uses a small array in the task, so an idle tunnel holds no
+    // copy buffer.
     let mut first_chunk = [0u8; FIRST_READ_BYTES];
-    let mut buf: Vec<u8> = Vec::new();
+    let mut buf = BytesMut::new();
     let mut total = 0u64;
     // An error or EOF found while gathering, reported after the gathered
     // bytes are written: a TCP reset is reported by one read only.
     let mut pending: Option<io::Result<usize>> = None;
     loop {
-        let first = match pending.take() {
-            Some(result) => result,
-            None if buf.is_empty() => from.read(&mut first_chunk).await,
-            None => from.read(&mut buf).await,
+        let ready = match pending.take() {
+            Some(result) => Some(result),
+            None if buf.capacity() > 0 => from.read_buf(&mut buf).now_or_never(),
+            None => None,
         };
-        let n = match first {
+        let first = match ready {
+            Some(result) => result,
+            None => {
+                buf = BytesMut::new();
+                let result = from.read(&mut first_chunk).await;
+                if let Ok(n @ 1..) = result {
+                    buf.reserve(buffer.max(FIRST_READ_BYTES));
+                    buf.extend_from_slice(&first_chunk[..n]);
+                }
+                result
+            }
+        };
+        match first {
             Ok(0) => {
                 return match to.shutdown().await {
                     Ok(()) => Half::Done(total),
@@ -75,49 +89,39 @@ where
                     Err(e) => Half::Failed(to_side, e, total),
                 };
             }
-            Ok(n) => {
-                if buf.is_empty() {
-                    buf = vec![0u8; buffer.max(FIRST_READ_BYTES)];
-                    buf[..n].copy_from_slice(&first_chunk[..n]);
-                }
-                gather(from, &mut buf, n, &mut pending)
-            }
+            Ok(_) => gather(from, &mut buf, &mut pending),
             Err(e) => return Half::Failed(from_side, e, total),
-        };
+        }
         // Flush after every write: a TLS stream may keep records buffered
         // that would otherwise wait for the next write.
         let written = async {
-            to.write_all(&buf[..n]).await?;
+            to.write_all(&buf).await?;
             to.flush().await
         };
         if let Err(e) = written.await {
             return Half::Failed(to_side, e, total);
         }
-        total += n as u64;
+        total += buf.len() as u64;
+        buf.clear();
     }
 }
 
-/// Appends to `buf[..filled]` whatever `from` returns without waiting, and
-/// returns the new fill level. A TLS stream returns one record (at most
-/// 16 KiB) per read, so gathering the records already received lets one
-/// write carry them all. An EOF or error ends the gathering and is kept in
-/// `pending` for the next round.
-fn gather<R>(
-    from: &mut R,
-    buf: &mut [u8],
-    mut filled: usize,
-    pending: &mut Option<io::Result<usize>>,
-) -> usize
+/// Appends to `buf` whatever `from` returns without waiting, up to the
+/// buffer's capacity. A TLS stream returns one record (at most 16 KiB) per
+/// read, so gathering the records already received lets one write carry
+/// them all. An EOF or error ends the gathering and is kept in `pending`
+/// for the next round.
+fn gather<R>(from: &mut R, buf: &mut BytesMut, pending: &mut Option<io::Result<usize>>)
 where
     R: AsyncRead + Unpin + ?Sized,
 {
-    while filled < buf.len() {
-        match from.read(&mut buf[filled..]).now_or_never() {
+    while buf.len() < buf.capacity() {
+        match from.read_buf(buf).now_or_never() {
             Some(Ok(0)) => {
                 *pending = Some(Ok(0));
                 break;
             }
-            Some(Ok(n)) => filled += n,
+            Some(Ok(_)) => {}
             Some(Err(e)) => {
                 *pending = Some(Err(e));
                 break;
@@ -125,7 +129,6 @@ where
             None => break,
         }
     }
-    filled
 }
 
 /// Copies until both directions end or one fails. `buffer` is the read size

@@ -7,6 +7,7 @@ mod listeners;
 pub mod path;
 pub mod quic;
 mod rate;
+pub mod read_buffer;
 pub mod tls;
 mod tls_config;
 pub mod udp;
@@ -101,13 +102,20 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     pub stats: IngressStats,
     pub shutdown: watch::Receiver<bool>,
-    /// TLS session cache of the QUIC ingress, shared across config
+    /// Session ticket keys of the QUIC ingress, shared across config
     /// generations, so a reload does not force every device through a full
     /// handshake.
-    pub session_cache: Arc<dyn rustls::server::StoresServerSessions>,
+    pub quic_tickets: Arc<dyn rustls::server::ProducesTickets>,
     /// The same for the TLS-over-TCP ingress, kept apart so that a session
     /// is resumed only on the transport it was made on.
-    pub tls_session_cache: Arc<dyn rustls::server::StoresServerSessions>,
+    pub tls_tickets: Arc<dyn rustls::server::ProducesTickets>,
+    /// A client address that never changes, for the supervisor of a TLS
+    /// tunnel: a TCP connection keeps its address. The sender stays here,
+    /// so receivers never see the channel close.
+    pub fixed_address: (
+        watch::Sender<std::net::SocketAddr>,
+        watch::Receiver<std::net::SocketAddr>,
+    ),
     pub refusal_log: PerSourceLimiter,
     /// Rate limit of load-shedding log lines, keyed by what was shed: Retry
     /// packets by reason, upstream-busy resets by application name.
@@ -130,8 +138,9 @@ impl Shared {
         shutdown: watch::Receiver<bool>,
         ocsp: crate::identity::ocsp::OcspChecker,
         crl: Arc<crate::identity::revocation::RevocationStore>,
-    ) -> Arc<Shared> {
-        Arc::new(Shared {
+    ) -> Result<Arc<Shared>, rustls::Error> {
+        let unspecified = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+        Ok(Arc::new(Shared {
             ocsp,
             crl,
             posture: Arc::new(crate::policy::PostureStore::default()),
@@ -139,13 +148,14 @@ impl Shared {
             registry: Registry::new(),
             stats: IngressStats::default(),
             shutdown,
-            session_cache: rustls::server::ServerSessionMemoryCache::new(16 * 1024),
-            tls_session_cache: rustls::server::ServerSessionMemoryCache::new(16 * 1024),
+            quic_tickets: rustls::crypto::ring::Ticketer::new()?,
+            tls_tickets: rustls::crypto::ring::Ticketer::new()?,
+            fixed_address: watch::channel(unspecified),
             refusal_log: PerSourceLimiter::new(20, Duration::from_secs(10)),
             shed_log: PerSourceLimiter::new(5, Duration::from_secs(10)),
             handshake_rate: HandshakeRateLimiter::default(),
             dials: crate::forward::DialLimiter::default(),
-        })
+        }))
     }
 }
 

@@ -64,7 +64,7 @@ fn server_config(
     String,
 > {
     let (tls, outcome) =
-        server_tls_config(generation, &[protocol::ALPN], shared.session_cache.clone())
+        server_tls_config(generation, &[protocol::ALPN], shared.quic_tickets.clone())
             .map_err(|e| format!("TLS configuration failed: {e}"))?;
     let crypto = QuicServerConfig::try_from(tls)
         .map_err(|e| format!("QUIC TLS configuration failed: {e}"))?;
@@ -289,7 +289,9 @@ async fn handle_connection(
         }
         (sni, connecting.await)
     };
-    let result = tokio::time::timeout(deadline, handshake).await;
+    // Boxed: the handshake's state is freed once it ends instead of taking
+    // room in the connection task for the connection's whole life.
+    let result = Box::pin(tokio::time::timeout(deadline, handshake)).await;
     drop(pending);
     let (sni, connection) = match result {
         Err(_) => {
@@ -376,7 +378,7 @@ async fn run_admitted(
     };
     let generation = shared.config.current();
     let request = shared.admission_request(&chain, sni.as_deref(), remote, Transport::Quic);
-    let admitted = match admission::admit(&generation, &request).await {
+    let admitted = match Box::pin(admission::admit(&generation, &request)).await {
         Ok(a) => a,
         Err(refused) => {
             stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -482,22 +484,23 @@ async fn run_admitted(
     let mut close_rx = guard.close.clone();
     let mut shutdown = shared.shutdown.clone();
     let (address_tx, mut address_rx) = watch::channel(remote);
-    let streams = accept_streams(
+    // Pinned where they are built: `tokio::pin!` would move each into a
+    // second slot of this task, and idle connections would pay for both.
+    let mut streams = std::pin::pin!(accept_streams(
         connection.clone(),
         shared.clone(),
         guard.entry.clone(),
         application,
         gate_rx,
-    );
-    let path = track_path(&connection, &shared, &guard.entry, address_tx);
-    let supervision = supervise(
+    ));
+    let mut path = std::pin::pin!(track_path(&connection, &shared, &guard.entry, address_tx));
+    let mut supervision = std::pin::pin!(supervise(
         &mut state,
         &shared.config,
         &mut close_rx,
         &mut shutdown,
         &mut address_rx,
-    );
-    tokio::pin!(streams, path, supervision);
+    ));
     let ending = loop {
         tokio::select! {
             request = &mut supervision => break Some(request),

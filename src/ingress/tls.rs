@@ -13,6 +13,7 @@
 
 use super::duplex::{copy_duplex, reset_on_close, DuplexEnd};
 use super::quic::canonical;
+use super::read_buffer::ReleasingReader;
 use super::tls_config::server_tls_config;
 use super::{PendingHandshake, Shared, SourceVerdict};
 use crate::admission::{self, Refused};
@@ -26,9 +27,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
-use tokio::io::BufReader;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::LazyConfigAcceptor;
 use tracing::{debug, info, warn, Instrument};
@@ -135,11 +134,14 @@ struct HandshakeFailure {
 
 /// A server TLS-over-TCP tunnel. rustls reads at most 4 KiB per call
 /// (`read_tls` in rustls 0.23), so the TCP side is read through a buffer
-/// that takes one large read per system call instead.
-type TlsTunnel = TlsStream<BufReader<TcpStream>>;
+/// that takes one large read per system call instead, and is freed while
+/// the tunnel is idle.
+type TlsTunnel = TlsStream<ReleasingReader<TcpStream>>;
 
 struct Handshake {
-    stream: TlsTunnel,
+    /// Boxed, so that moving it into the tunnel's task moves a pointer
+    /// and each of the task's states holds 8 bytes instead of the stream.
+    stream: Box<TlsTunnel>,
     sni: Option<String>,
     outcome: Arc<Mutex<HandshakeOutcome>>,
 }
@@ -149,7 +151,7 @@ async fn handshake(
     generation: &Generation,
     shared: &Shared,
 ) -> Result<Handshake, HandshakeFailure> {
-    let tcp = BufReader::with_capacity(generation.limits.copy_buffer_bytes, tcp);
+    let tcp = ReleasingReader::new(tcp, generation.limits.copy_buffer_bytes);
     let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
         .await
         .map_err(|error| HandshakeFailure {
@@ -166,7 +168,7 @@ async fn handshake(
         .and_then(|name| generation.application(name))
         .map(|app| app.tls_alpn.iter().map(Vec::as_slice).collect())
         .unwrap_or_default();
-    let (config, outcome) = server_tls_config(generation, &alpn, shared.tls_session_cache.clone())
+    let (config, outcome) = server_tls_config(generation, &alpn, shared.tls_tickets.clone())
         .map_err(|e| HandshakeFailure {
             sni: sni.clone(),
             outcome: None,
@@ -174,7 +176,7 @@ async fn handshake(
         })?;
     match start.into_stream(Arc::new(config)).await {
         Ok(stream) => Ok(Handshake {
-            stream,
+            stream: Box::new(stream),
             sni,
             outcome,
         }),
@@ -197,7 +199,13 @@ async fn handle_connection(
     let stats = &shared.stats;
     stats.handshakes_started.fetch_add(1, Ordering::Relaxed);
     let deadline = generation.timeouts.handshake;
-    let result = tokio::time::timeout(deadline, handshake(tcp, &generation, &shared)).await;
+    // Boxed: the handshake's state is freed once it ends instead of taking
+    // room in the tunnel task for the tunnel's whole life.
+    let result = Box::pin(tokio::time::timeout(
+        deadline,
+        handshake(tcp, &generation, &shared),
+    ))
+    .await;
     drop(pending);
     let handshake = match result {
         Err(_) => {
@@ -273,7 +281,7 @@ fn log_handshake_failure(shared: &Shared, remote: SocketAddr, failure: &Handshak
 }
 
 async fn run_admitted(
-    mut stream: TlsTunnel,
+    mut stream: Box<TlsTunnel>,
     chain: Vec<CertificateDer<'static>>,
     sni: Option<String>,
     remote: SocketAddr,
@@ -284,7 +292,7 @@ async fn run_admitted(
     let started = Instant::now();
     let generation = shared.config.current();
     let request = shared.admission_request(&chain, sni.as_deref(), remote, Transport::Tls);
-    let admitted = match admission::admit(&generation, &request).await {
+    let admitted = match Box::pin(admission::admit(&generation, &request)).await {
         Ok(a) => a,
         Err(refused) => {
             stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -327,18 +335,23 @@ async fn run_admitted(
     debug!(rule = admitted.decision.rule(), resumed, ca = %admitted.ca_name, "connection admitted");
 
     let application = admitted.application.clone();
-    let mut upstream =
-        match super::quic::dial_upstream(&shared, &application, &generation.limits).await {
-            Ok(tcp) => tcp,
-            Err(code) => {
-                debug!(
-                    code = code.name(),
-                    "no upstream connection; connection reset"
-                );
-                reset_on_close(stream.get_ref().0.get_ref());
-                return;
-            }
-        };
+    let mut upstream = match Box::pin(super::quic::dial_upstream(
+        &shared,
+        &application,
+        &generation.limits,
+    ))
+    .await
+    {
+        Ok(tcp) => tcp,
+        Err(code) => {
+            debug!(
+                code = code.name(),
+                "no upstream connection; connection reset"
+            );
+            reset_on_close(stream.get_ref().0.get_ref());
+            return;
+        }
+    };
     let buffer = generation.limits.copy_buffer_bytes;
     // One TCP connection is one tunnel, already dialled: a step-up closes
     // the session.
@@ -356,12 +369,11 @@ async fn run_admitted(
     let mut close_rx = guard.close.clone();
     let mut shutdown = shared.shutdown.clone();
     // A TCP connection keeps its address, so no path change ever arrives.
-    let (_, mut addresses) = watch::channel(remote);
+    let mut addresses = shared.fixed_address.1.clone();
     let outcome = {
         // The connection is the session's one tunnel: a drain waits for it.
         guard.entry.streams_active.fetch_add(1, Ordering::Relaxed);
-        let copy = copy_duplex(&mut stream, &mut upstream, buffer);
-        tokio::pin!(copy);
+        let mut copy = std::pin::pin!(copy_duplex(&mut *stream, &mut upstream, buffer));
         tokio::select! {
             request = supervise(&mut state, &shared.config, &mut close_rx, &mut shutdown, &mut addresses) => Err(request),
             copied = &mut copy => Ok(copied),

@@ -2,7 +2,7 @@
 
 use crate::config::Generation;
 use crate::identity::{HandshakeOutcome, HandshakeVerifier};
-use rustls::server::{ClientHello, ResolvesServerCert, StoresServerSessions};
+use rustls::server::{ClientHello, NoServerSessionStorage, ProducesTickets, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -23,11 +23,12 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// Builds a TLS 1.3-only server config whose client verifier reports into
-/// the returned outcome. `alpn` is the list offered (empty for none).
+/// the returned outcome. `alpn` is the list offered (empty for none);
+/// `tickets` makes the session tickets.
 pub fn server_tls_config(
     generation: &Generation,
     alpn: &[&[u8]],
-    session_cache: Arc<dyn StoresServerSessions>,
+    tickets: Arc<dyn ProducesTickets>,
 ) -> Result<(rustls::ServerConfig, Arc<Mutex<HandshakeOutcome>>), rustls::Error> {
     let (verifier, outcome) = HandshakeVerifier::new(generation.trust.clone());
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
@@ -35,10 +36,15 @@ pub fn server_tls_config(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(FixedCert(generation.certified_key.clone())));
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    config.session_storage = session_cache;
-    // Each ticket is an entry of about 1.4 KiB (the client chain and the
-    // secrets) in the session cache, and a client resumes with one ticket
-    // and gets a fresh one each time, so one per handshake is enough.
+    // Stateless tickets: the session (the client chain and the resumption
+    // secret, about 1.4 KiB) travels encrypted in the ticket instead of
+    // staying in the gateway's memory, so the gateway keeps nothing per
+    // session and its memory does not grow with the number of handshakes.
+    // The ticket keys rotate every 6 hours and live only in memory.
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.ticketer = tickets;
+    // A client resumes with one ticket and gets a fresh one each time, so
+    // one per handshake is enough.
     config.send_tls13_tickets = 1;
     // 0-RTT stays off: early data would reach an upstream before admission.
     config.max_early_data_size = 0;

@@ -46,7 +46,9 @@ pub enum StreamGate {
 /// channel that carries the challenge to the client's control stream.
 pub struct StepUpControl {
     pub gate: watch::Sender<StreamGate>,
-    pub messages: tokio::sync::mpsc::UnboundedSender<crate::protocol::ControlMessage>,
+    /// Boxed messages: the channel allocates room for 32 of its items
+    /// per connection up front, 8 bytes each this way.
+    pub messages: tokio::sync::mpsc::UnboundedSender<Box<crate::protocol::ControlMessage>>,
     /// When the pending step-up started, if one is pending.
     pub since: Option<Instant>,
 }
@@ -342,13 +344,13 @@ fn step_up(
             control.gate.send_replace(StreamGate::Held);
             let _ = control
                 .messages
-                .send(crate::protocol::ControlMessage::StepUp(
+                .send(Box::new(crate::protocol::ControlMessage::StepUp(
                     crate::protocol::StepUp {
                         challenge: challenge.to_string(),
                         grace_secs: grace.as_secs(),
                         reason: reason.to_string(),
                     },
-                ));
+                )));
             tracing::info!(trigger, challenge, grace = ?grace, "step-up required; new streams are held");
             now
         }
@@ -383,12 +385,12 @@ async fn drain(
     if let Some(control) = &state.step_up {
         let _ = control
             .messages
-            .send(crate::protocol::ControlMessage::GoingAway(
+            .send(Box::new(crate::protocol::ControlMessage::GoingAway(
                 crate::protocol::GoingAway {
                     drain_secs: drain.as_secs(),
                     reason: "the gateway is shutting down".into(),
                 },
-            ));
+            )));
     }
     let deadline = tokio::time::Instant::now() + drain;
     while state.entry.streams_active.load(Ordering::Relaxed) > 0 {
