@@ -275,9 +275,12 @@ async fn refresh_ocsp(shared: Arc<Shared>) {
             _ = shutdown.changed() => return,
         }
         if shared.ocsp.cache_len() > 0 {
+            let registry = &shared.registry;
             shared
                 .ocsp
-                .refresh_expiring(SystemTime::now(), margin)
+                .refresh_expiring(SystemTime::now(), margin, |issuer, serial| {
+                    registry.has_certificate(issuer, serial)
+                })
                 .await;
         }
     }

@@ -1048,10 +1048,13 @@ async fn refresh_reports_new_revocation() {
     expect_good(&checker.status(&leaf, &issuer, now).await);
     revoke(&pki, "DEV-0003");
 
-    let outside_margin = checker.refresh_expiring(now, Duration::from_secs(10)).await;
+    let live = |_: &str, _: &str| true;
+    let outside_margin = checker
+        .refresh_expiring(now, Duration::from_secs(10), live)
+        .await;
     let requests_before = responder.stats().await.requests;
     let revoked = checker
-        .refresh_expiring(now, Duration::from_secs(120))
+        .refresh_expiring(now, Duration::from_secs(120), live)
         .await;
 
     assert!(outside_margin.is_empty(), "{outside_margin:?}");
@@ -1075,4 +1078,45 @@ async fn refresh_reports_new_revocation() {
         "{:?}",
         cached.status
     );
+}
+
+/// A cached status whose certificate has no live session is dropped when it
+/// comes due instead of being fetched again, so the cache empties as devices
+/// leave; a certificate in use is fetched again.
+#[tokio::test]
+async fn refresh_drops_statuses_without_sessions() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = dir.path().join("pki");
+    let responder = Responder::start(
+        &[
+            responder_args(&pki, DEVICE_CA),
+            vec!["--nmin".to_owned(), "1".to_owned()],
+        ]
+        .concat(),
+        &dir.path().join("responder.log"),
+    );
+    make_pki(&pki, &responder.url());
+    let checker = checker(settings(None));
+    let issuer = load_cert(&pki, DEVICE_CA);
+    let in_use = load_cert(&pki, "DEV-0001");
+    let gone = load_cert(&pki, "DEV-0003");
+    let now = SystemTime::now();
+    expect_good(&checker.status(&in_use, &issuer, now).await);
+    expect_good(&checker.status(&gone, &issuer, now).await);
+    assert_eq!(checker.cache_len(), 2);
+    let live_serial = ztgate::identity::extract_identity(&in_use, None)
+        .expect("identity")
+        .serial_hex;
+
+    let requests_before = responder.stats().await.requests;
+    checker
+        .refresh_expiring(now, Duration::from_secs(120), |_, serial| {
+            serial == live_serial
+        })
+        .await;
+
+    assert_eq!(responder.stats().await.requests, requests_before + 1);
+    assert_eq!(checker.cache_len(), 1);
+    assert!(checker.cached(&in_use, &issuer).is_some());
+    assert!(checker.cached(&gone, &issuer).is_none());
 }

@@ -257,6 +257,15 @@ impl Registry {
         index_remove(&mut idx.by_application, &entry.application, id);
     }
 
+    /// Whether a live session uses the certificate with this issuer (SHA-256
+    /// of its raw Name, in hex) and serial number (hex).
+    pub fn has_certificate(&self, issuer_sha256: &str, serial_hex: &str) -> bool {
+        let idx = self.indexes.lock().unwrap_or_else(|p| p.into_inner());
+        idx.by_issuer_serial
+            .get(&(issuer_sha256.to_owned(), serial_hex.to_owned()))
+            .is_some_and(|ids| !ids.is_empty())
+    }
+
     /// The sessions a selector matches.
     pub fn find(&self, selector: &Selector) -> Vec<Arc<SessionEntry>> {
         let idx = self.indexes.lock().unwrap_or_else(|p| p.into_inner());

@@ -183,7 +183,18 @@ pub async fn supervise(
     }
 }
 
-async fn reevaluate(
+/// Evaluates the session again. Boxed: a re-evaluation is rare, and its
+/// state would otherwise take room in every session's task for the whole
+/// life of the session.
+fn reevaluate<'a>(
+    state: &'a mut SessionState,
+    config: &'a ConfigHandle,
+    trigger: &'static str,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), CloseRequest>> + Send + 'a>> {
+    Box::pin(evaluate_again(state, config, trigger))
+}
+
+async fn evaluate_again(
     state: &mut SessionState,
     config: &ConfigHandle,
     trigger: &'static str,

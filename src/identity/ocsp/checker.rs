@@ -199,10 +199,18 @@ impl OcspChecker {
     /// Queries the responder again for every cached certificate whose status
     /// expires within `margin` of `now`, or that has no status because its
     /// lookups failed, except those in their failure backoff and those
-    /// already revoked. Returns the certificates whose status changed to
+    /// already revoked. `in_use(issuer_raw_sha256, serial_hex)` tells
+    /// whether a certificate still has a live session: one that has none is
+    /// removed from the cache instead of refreshed, so the cache shrinks back
+    /// as devices leave. Returns the certificates whose status changed to
     /// revoked. At most `refresh_concurrency` requests run at once.
-    pub async fn refresh_expiring(&self, now: SystemTime, margin: Duration) -> Vec<Revocation> {
-        let due: Vec<(Arc<Target>, bool)> = {
+    pub async fn refresh_expiring(
+        &self,
+        now: SystemTime,
+        margin: Duration,
+        in_use: impl Fn(&str, &str) -> bool,
+    ) -> Vec<Revocation> {
+        let expiring: Vec<(Arc<Target>, bool)> = {
             let state = self.inner.lock();
             state
                 .entries
@@ -216,7 +224,31 @@ impl OcspChecker {
                 })
                 .collect()
         };
-        tracing::debug!(count = due.len(), "refreshing expiring OCSP statuses");
+        // Asked without the cache lock held: `in_use` may take locks of its own.
+        let (due, unused): (Vec<_>, Vec<_>) = expiring.into_iter().partition(|(target, _)| {
+            in_use(&target.issuer_raw_sha256, &target.cert_id.serial_hex())
+        });
+        if !unused.is_empty() {
+            let mut state = self.inner.lock();
+            for (target, _) in &unused {
+                // A lookup since the list was made may have refreshed it
+                // for a new session: keep it then.
+                let still_expiring = state
+                    .entries
+                    .get(&target.cert_id)
+                    .is_some_and(|entry| needs_refresh(entry, now, margin));
+                if still_expiring {
+                    if let Some(entry) = state.entries.remove(&target.cert_id) {
+                        state.order.remove(&entry.sequence);
+                    }
+                }
+            }
+        }
+        tracing::debug!(
+            count = due.len(),
+            dropped = unused.len(),
+            "refreshing expiring OCSP statuses of live sessions"
+        );
 
         let permits = Arc::new(Semaphore::new(self.inner.settings.refresh_concurrency));
         let mut tasks = JoinSet::new();
