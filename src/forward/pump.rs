@@ -5,6 +5,7 @@
 //! becomes a stream reset in both directions.
 
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
 use quinn::{ReadError, RecvStream, SendStream, VarInt, WriteError};
 use std::io;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -117,12 +118,21 @@ async fn write_all_vectored(tcp: &mut WriteHalf<'_>, chunks: &mut [Bytes]) -> io
 
 async fn tcp_to_stream(tcp: &mut ReadHalf<'_>, send: &mut SendStream, buffer: usize) -> Half {
     let mut total = 0u64;
-    let mut buf = BytesMut::with_capacity(buffer);
+    let mut buf = BytesMut::new();
     loop {
         if buf.capacity() < buffer / 4 {
             buf.reserve(buffer);
         }
-        match tcp.read_buf(&mut buf).await {
+        let Some(read) = tcp.read_buf(&mut buf).now_or_never() else {
+            // Nothing to read: free the buffer before waiting, so an idle
+            // stream holds none, and take a new one when data arrives.
+            buf = BytesMut::new();
+            if let Err(e) = tcp.readable().await {
+                return Half::Abort(tcp_error_end(&e), total);
+            }
+            continue;
+        };
+        match read {
             Ok(0) => {
                 let _ = send.finish();
                 return Half::Done(total);
