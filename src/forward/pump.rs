@@ -116,21 +116,38 @@ async fn write_all_vectored(tcp: &mut WriteHalf<'_>, chunks: &mut [Bytes]) -> io
     Ok(total)
 }
 
+/// Size of the read that waits for upstream data while a stream holds no
+/// buffer.
+const FIRST_READ_BYTES: usize = 256;
+
 async fn tcp_to_stream(tcp: &mut ReadHalf<'_>, send: &mut SendStream, buffer: usize) -> Half {
     let mut total = 0u64;
+    // The read buffer exists only while data flows: when a read finds
+    // nothing it is freed, and the wait for the next bytes reads into a
+    // small array in the task, so an idle stream holds no buffer. The wait
+    // is a read rather than a readiness check because only a read spends
+    // the task's cooperative budget and yields when it runs out.
+    let mut first_chunk = [0u8; FIRST_READ_BYTES];
     let mut buf = BytesMut::new();
     loop {
-        if buf.capacity() < buffer / 4 {
+        if buf.capacity() > 0 && buf.capacity() < buffer / 4 {
             buf.reserve(buffer);
         }
-        let Some(read) = tcp.read_buf(&mut buf).now_or_never() else {
-            // Nothing to read: free the buffer before waiting, so an idle
-            // stream holds none, and take a new one when data arrives.
-            buf = BytesMut::new();
-            if let Err(e) = tcp.readable().await {
-                return Half::Abort(tcp_error_end(&e), total);
+        let ready = match buf.capacity() {
+            0 => None,
+            _ => tcp.read_buf(&mut buf).now_or_never(),
+        };
+        let read = match ready {
+            Some(read) => read,
+            None => {
+                buf = BytesMut::new();
+                let read = tcp.read(&mut first_chunk).await;
+                if let Ok(n @ 1..) = read {
+                    buf.reserve(buffer.max(FIRST_READ_BYTES));
+                    buf.extend_from_slice(&first_chunk[..n]);
+                }
+                read
             }
-            continue;
         };
         match read {
             Ok(0) => {
