@@ -29,7 +29,8 @@
 # ZTGATE_BENCH_WRAPPER, when set, is a command put in front of every `ztgate serve` the
 # script starts, to profile the gateway: for example
 #   ZTGATE_BENCH_WRAPPER="valgrind --tool=massif --massif-out-file=/tmp/massif.%p"
-# (figures measured that way are not comparable).
+# (figures measured that way are not comparable). ZTGATE_BENCH_KEEP=DIR copies the work
+# directory (configs and every process's log) to DIR on exit.
 #
 # Installs iperf3, stunnel4 and haproxy with apt-get when they are missing (needs root).
 # A full run without --only writes the generated section of docs/benchmarks.md. Every process it starts

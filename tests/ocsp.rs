@@ -1099,10 +1099,10 @@ async fn refresh_drops_statuses_without_sessions() {
     let checker = checker(settings(None));
     let issuer = load_cert(&pki, DEVICE_CA);
     let in_use = load_cert(&pki, "DEV-0001");
-    let gone = load_cert(&pki, "DEV-0003");
+    let departed = load_cert(&pki, "DEV-0003");
     let now = SystemTime::now();
     expect_good(&checker.status(&in_use, &issuer, now).await);
-    expect_good(&checker.status(&gone, &issuer, now).await);
+    expect_good(&checker.status(&departed, &issuer, now).await);
     assert_eq!(checker.cache_len(), 2);
     let live_serial = ztgate::identity::extract_identity(&in_use, None)
         .expect("identity")
@@ -1118,5 +1118,5 @@ async fn refresh_drops_statuses_without_sessions() {
     assert_eq!(responder.stats().await.requests, requests_before + 1);
     assert_eq!(checker.cache_len(), 1);
     assert!(checker.cached(&in_use, &issuer).is_some());
-    assert!(checker.cached(&gone, &issuer).is_none());
+    assert!(checker.cached(&departed, &issuer).is_none());
 }

@@ -257,7 +257,7 @@ impl Registry {
         index_remove(&mut idx.by_application, &entry.application, id);
     }
 
-    /// Whether a live session uses the certificate with this issuer (SHA-256
+    /// Returns whether a live session uses the certificate with this issuer (SHA-256
     /// of its raw Name, in hex) and serial number (hex).
     pub fn has_certificate(&self, issuer_sha256: &str, serial_hex: &str) -> bool {
         let idx = self.indexes.lock().unwrap_or_else(|p| p.into_inner());
