@@ -552,3 +552,30 @@ async fn wait_for_transports(gw: &TestGateway, expected: &[ztgate::policy::Trans
     }
     false
 }
+
+/// rustls clients list AES-256-GCM first; the gateway's order wins and
+/// picks AES-128-GCM with SHA-256.
+#[tokio::test]
+async fn gateway_cipher_suite_order_wins() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let gw = tls_gateway(&[App::wiki(upstream)], "").await;
+    let name = rustls::pki_types::ServerName::try_from(WIKI).expect("name");
+    let client = device_tls("DEV-0001", &[]);
+    assert_eq!(
+        client.crypto_provider().cipher_suites[0].suite(),
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+        "the client no longer prefers AES-256, so this test proves nothing"
+    );
+
+    let tcp = TcpStream::connect(gw.tls_addr()).await.expect("connect");
+    let stream = tokio_rustls::TlsConnector::from(client)
+        .connect(name, tcp)
+        .await
+        .expect("handshake");
+    let suite = stream
+        .get_ref()
+        .1
+        .negotiated_cipher_suite()
+        .expect("a negotiated suite");
+    assert_eq!(suite.suite(), rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+}
