@@ -1081,8 +1081,8 @@ async fn refresh_reports_new_revocation() {
 }
 
 /// A cached status whose certificate has no live session is dropped when it
-/// comes due instead of being fetched again, so the cache empties as devices
-/// leave; a certificate in use is fetched again.
+/// comes due instead of being fetched again. A certificate in use is
+/// fetched again.
 #[tokio::test]
 async fn refresh_drops_statuses_without_sessions() {
     let dir = tempfile::tempdir().expect("temp dir");

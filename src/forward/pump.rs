@@ -116,17 +116,17 @@ async fn write_all_vectored(tcp: &mut WriteHalf<'_>, chunks: &mut [Bytes]) -> io
     Ok(total)
 }
 
-/// Size of the read that waits for upstream data while a stream holds no
+/// Size of the read that waits for upstream data while a stream has no
 /// buffer.
 const FIRST_READ_BYTES: usize = 256;
 
 async fn tcp_to_stream(tcp: &mut ReadHalf<'_>, send: &mut SendStream, buffer: usize) -> Half {
     let mut total = 0u64;
-    // The read buffer exists only while data flows: when a read finds
-    // nothing it is freed, and the wait for the next bytes reads into a
-    // small array in the task, so an idle stream holds no buffer. The wait
-    // is a read rather than a readiness check because only a read spends
-    // the task's cooperative budget and yields when it runs out.
+    // The read buffer exists only while data flows. When a read finds
+    // nothing the buffer is freed, and the wait for the next bytes reads
+    // into a small array in the task, so an idle stream has no buffer.
+    // The wait is a read, not a readiness check, because a read spends the
+    // task's cooperative budget and yields when the budget runs out.
     let mut first_chunk = [0u8; FIRST_READ_BYTES];
     let mut buf = BytesMut::new();
     loop {

@@ -37,7 +37,7 @@ enum Half {
     Failed(Side, io::Error, u64),
 }
 
-/// Size of the read that waits for data while a direction holds no buffer.
+/// Size of the read that waits for data while a direction has no buffer.
 const FIRST_READ_BYTES: usize = 256;
 
 async fn copy_half<R, W>(
@@ -53,7 +53,7 @@ where
 {
     // The copy buffer of `buffer` bytes exists only while data flows. When
     // a read finds nothing the buffer is freed, and the wait for the next
-    // bytes uses a small array in the task, so an idle tunnel holds no
+    // bytes uses a small array in the task, so an idle tunnel has no
     // copy buffer.
     let mut first_chunk = [0u8; FIRST_READ_BYTES];
     let mut buf = BytesMut::new();

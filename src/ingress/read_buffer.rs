@@ -1,6 +1,6 @@
 //! A read buffer that exists only while data is flowing.
 //!
-//! rustls asks its transport for at most 4 KiB per read, so the TLS ingress
+//! rustls reads at most 4 KiB from its transport per call, so the TLS ingress
 //! puts a buffer between rustls and the TCP socket to take one large read
 //! per system call. A tunnel that sits idle should not keep that buffer:
 //! at thousands of idle tunnels it would be most of the gateway's memory.
@@ -35,7 +35,8 @@ impl<T> ReleasingReader<T> {
         &self.inner
     }
 
-    /// Bytes of buffer memory held now: zero while the reader is idle.
+    /// Returns the buffer's capacity left in bytes: zero while the reader is
+    /// idle.
     pub fn held_bytes(&self) -> usize {
         self.buffer.capacity()
     }

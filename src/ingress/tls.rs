@@ -139,8 +139,8 @@ struct HandshakeFailure {
 type TlsTunnel = TlsStream<ReleasingReader<TcpStream>>;
 
 struct Handshake {
-    /// Boxed, so that moving it into the tunnel's task moves a pointer
-    /// and each of the task's states holds 8 bytes instead of the stream.
+    /// Boxed, so that moving it into the tunnel's task moves a pointer,
+    /// and each state of the task stores 8 bytes instead of the stream.
     stream: Box<TlsTunnel>,
     sni: Option<String>,
     outcome: Arc<Mutex<HandshakeOutcome>>,

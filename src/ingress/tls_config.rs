@@ -53,10 +53,10 @@ pub fn server_tls_config(
     // The gateway's order of cipher suites wins over the client's.
     config.ignore_client_order = true;
     // Stateless tickets: the session (the client chain and the resumption
-    // secret, about 1.4 KiB) travels encrypted in the ticket instead of
-    // staying in the gateway's memory, so the gateway keeps nothing per
-    // session and its memory does not grow with the number of handshakes.
-    // The ticket keys rotate every 6 hours and live only in memory.
+    // secret, about 1.4 KiB) travels encrypted in the ticket. The gateway
+    // keeps nothing per session, so its memory does not grow with the
+    // number of handshakes. The ticket keys rotate every 6 hours and exist
+    // only in memory.
     config.session_storage = Arc::new(NoServerSessionStorage {});
     config.ticketer = tickets;
     // A client resumes with one ticket and gets a fresh one each time, so

@@ -199,11 +199,11 @@ impl OcspChecker {
     /// Queries the responder again for every cached certificate whose status
     /// expires within `margin` of `now`, or that has no status because its
     /// lookups failed, except those in their failure backoff and those
-    /// already revoked. `in_use(issuer_raw_sha256, serial_hex)` tells
-    /// whether a certificate still has a live session: one that has none is
-    /// removed from the cache instead of refreshed, so the cache shrinks back
-    /// as devices leave. Returns the certificates whose status changed to
-    /// revoked. At most `refresh_concurrency` requests run at once.
+    /// already revoked. `in_use(issuer_raw_sha256, serial_hex)` returns
+    /// whether a certificate still has a live session. A certificate without
+    /// one is removed from the cache instead of refreshed, so the cache
+    /// shrinks back as devices leave. Returns the certificates whose status
+    /// changed to revoked. At most `refresh_concurrency` requests run at once.
     pub async fn refresh_expiring(
         &self,
         now: SystemTime,
