@@ -133,8 +133,29 @@ wait_port() {
   return 1
 }
 
+# Prints a loopback port that was free a moment ago and that no earlier call handed out
+# (the kernel may give a just-released port again). The peers that need one cannot bind
+# port 0 and report it.
 free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+  python3 - "$work/ports-given" <<'PY'
+import socket, sys
+path = sys.argv[1]
+try:
+    handed_out = set(open(path).read().split())
+except FileNotFoundError:
+    handed_out = set()
+for _ in range(100):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    if port not in handed_out:
+        break
+else:
+    sys.exit("bench.sh: no unused loopback port after 100 tries")
+with open(path, "a") as f:
+    f.write(port + "\n")
+print(port)
+PY
 }
 
 # Starts a background process with its output in $work/NAME.log and stores its PID in

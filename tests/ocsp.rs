@@ -406,12 +406,21 @@ fn expect_good(result: &Result<Checked, OcspError>) -> &Checked {
     checked
 }
 
-/// Returns a loopback URL on which nothing listens.
-fn closed_url() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = listener.local_addr().expect("local address").port();
-    drop(listener);
-    format!("http://127.0.0.1:{port}/")
+/// Returns a loopback URL that refuses connections while the socket is held.
+///
+/// The port stays bound without listening, so no other test can take it.
+fn closed_url() -> (String, socket2::Socket) {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("address");
+    socket.bind(&any.into()).expect("bind");
+    let port = socket
+        .local_addr()
+        .expect("local address")
+        .as_socket()
+        .expect("inet address")
+        .port();
+    (format!("http://127.0.0.1:{port}/"), socket)
 }
 
 const SOFT_FAIL_HOUR: OcspMode = OcspMode::SoftFail {
@@ -860,7 +869,8 @@ async fn responder_down_hard_and_soft_fail() {
 #[tokio::test]
 async fn responder_down_without_answer() {
     let pki = shared();
-    let checker = checker(settings(Some(closed_url())));
+    let (url, _closed) = closed_url();
+    let checker = checker(settings(Some(url)));
     let leaf = pki.cert("DEV-0001");
     let issuer = pki.cert(DEVICE_CA);
 

@@ -342,6 +342,9 @@ async fn unreachable_upstream_resets_only_that_stream() {
     tokio::spawn(async move {
         let (mut tcp, _) = listener.accept().await.expect("accept");
         drop(listener);
+        // Keep the port bound without listening, so later dials are refused
+        // and no other test can start listening on it.
+        let _held = hold_port(upstream);
         let (mut r, mut w) = tcp.split();
         let _ = tokio::io::copy(&mut r, &mut w).await;
     });
@@ -351,7 +354,8 @@ async fn unreachable_upstream_resets_only_that_stream() {
     live_send.write_all(b"one").await.expect("write");
     let mut buf = [0u8; 3];
     live_recv.read_exact(&mut buf).await.expect("echo one");
-    // The listener closed after its only accept, so new dials are refused.
+    // The listener closed after its only accept (the echo above ran after
+    // that), so new dials are refused.
     let refused = tokio::net::TcpStream::connect(upstream).await;
     assert!(refused.is_err(), "the upstream listener must be closed");
     let (_dead_send, mut dead_recv) = tunnel.open_stream().await.expect("open second");
@@ -468,4 +472,14 @@ async fn per_source_cap_refuses_extra_connection() {
             .load(std::sync::atomic::Ordering::Relaxed),
         1
     );
+}
+
+/// Binds `addr` again without listening; SO_REUSEADDR lets it share the port
+/// with the connection the closed listener accepted.
+fn hold_port(addr: std::net::SocketAddr) -> socket2::Socket {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.set_reuse_address(true).expect("reuse address");
+    socket.bind(&addr.into()).expect("bind the closed port");
+    socket
 }

@@ -122,7 +122,8 @@ async fn ocsp_hard_fail_admits_good_and_refuses_revoked() {
 async fn ocsp_responder_down_hard_fail_refuses_soft_fail_admits() {
     let _ = revoked_pki();
     let upstream = echo_server("127.0.0.1:0").await;
-    let nobody = closed_port().await;
+    let closed = closed_port();
+    let nobody = closed.addr;
     let hard = TestGateway::start(
         "127.0.0.1:0",
         &[ocsp_app_plain(upstream, "hard-fail")],

@@ -437,9 +437,13 @@ mod tests {
 
     #[tokio::test]
     async fn refused_connection_reported() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let address = listener.local_addr().expect("address");
-        drop(listener);
+        // Bound but not listening: connections are refused, and the port
+        // stays ours so no other test can start listening on it.
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.1:0".parse().expect("address"))
+            .expect("bind");
+        let address = socket.local_addr().expect("address");
         let url = format!("http://{address}/gone.crl");
 
         let error = fetcher()

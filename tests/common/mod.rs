@@ -367,12 +367,29 @@ pub async fn banner_server() -> SocketAddr {
     addr
 }
 
-/// A loopback port with nothing listening (bound, then released).
-pub async fn closed_port() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    drop(listener);
-    addr
+/// A loopback TCP port that refuses connections for as long as it is held.
+///
+/// The port stays bound without listening, so no other test can take it and
+/// every connection attempt is answered with a reset.
+pub struct ClosedPort {
+    pub addr: SocketAddr,
+    _socket: socket2::Socket,
+}
+
+pub fn closed_port() -> ClosedPort {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
+    socket.bind(&any.into()).expect("bind");
+    let addr = socket
+        .local_addr()
+        .expect("addr")
+        .as_socket()
+        .expect("inet address");
+    ClosedPort {
+        addr,
+        _socket: socket,
+    }
 }
 
 /// Deterministic test data.
