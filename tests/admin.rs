@@ -571,11 +571,31 @@ async fn shutdown_removes_socket() {
         "socket file left behind at {}",
         path.display()
     );
+    // Linux refuses to bind a port that a socket listens on, even with
+    // SO_REUSEADDR, so this bind also shows the listener is gone. Holding the
+    // port bound without listening keeps other tests from taking it before
+    // the connect below.
+    let _held_port = bind_without_listening(tcp);
     let refused = TcpStream::connect(tcp).await;
     assert!(
         refused.is_err(),
         "TCP listener still accepts after shutdown"
     );
+}
+
+/// Binds a TCP socket to `address` without listening on it.
+fn bind_without_listening(address: std::net::SocketAddr) -> socket2::Socket {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(address),
+        socket2::Type::STREAM,
+        None,
+    )
+    .expect("socket");
+    socket.set_reuse_address(true).expect("SO_REUSEADDR");
+    socket
+        .bind(&address.into())
+        .unwrap_or_else(|e| panic!("cannot bind {address} after shutdown: {e}"));
+    socket
 }
 
 // ---- TCP authentication ----

@@ -209,6 +209,32 @@ fn serve_command(config: &std::path::Path) -> std::process::Command {
     command
 }
 
+/// Returns a free loopback UDP port below the kernel's ephemeral port range,
+/// or `None` when that range leaves no room below it.
+///
+/// A socket bound to port 0 never gets such a port, so while a gateway
+/// restarts on it, no other test can take the port in between. Each call
+/// returns a different port, so tests that run in parallel do not collide.
+fn udp_port_below_ephemeral_range() -> Option<u16> {
+    static NEXT_OFFSET: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let first_ephemeral: u16 = range.split_whitespace().next()?.parse().ok()?;
+    let lowest = first_ephemeral.saturating_sub(8192).max(10_000);
+    let span = first_ephemeral
+        .checked_sub(lowest)
+        .filter(|&span| span > 0)?;
+    // Another test process on the same machine starts elsewhere in the span.
+    let start = (std::process::id() % u32::from(span)) as u16;
+    for _ in 0..64 {
+        let offset = NEXT_OFFSET.fetch_add(1, Ordering::Relaxed);
+        let port = lowest + (start.wrapping_add(offset) % span);
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return Some(port);
+        }
+    }
+    None
+}
+
 /// Starts `ztgate serve`, kills it (SIGKILL, a crash: no close reaches the
 /// client), starts it again on the same port with the same config, then
 /// writes on the open stream. Returns how the connection ended and how long
@@ -228,7 +254,13 @@ async fn write_after_restart(
         String::new()
     };
     let apps = [App::wiki(upstream)];
-    let (_dir, config) = write_config_with("127.0.0.1:0", &apps, &gateway_extra, "");
+    // The port is free between the two processes, so it comes from outside
+    // the range that other tests' sockets are given.
+    let listen = match udp_port_below_ephemeral_range() {
+        Some(port) => format!("127.0.0.1:{port}"),
+        None => "127.0.0.1:0".to_string(),
+    };
+    let (_dir, config) = write_config_with(&listen, &apps, &gateway_extra, "");
     let first = Running::spawn(serve_command(&config), false);
     let gateway: SocketAddr = first
         .wait_for("ztgate: listening quic ", Duration::from_secs(20))
