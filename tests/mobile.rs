@@ -426,8 +426,13 @@ async fn forged_source_address_is_never_recorded() {
     relay.control.set_spoof(Spoof::CopyAfter);
     transfer.wait_for_bytes(8 * 1024 * 1024).await;
     // Copies that arrive first, so quinn moves to 127.0.0.9 before
-    // validating it, for a while.
+    // validating it. The race runs until the gateway has sent something to
+    // 127.0.0.9, then for 300 ms more.
     relay.control.set_spoof(Spoof::CopyFirst);
+    wait_until(Duration::from_secs(20), || {
+        relay.control.forged_received.load(Ordering::Relaxed) > 0
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     relay.control.set_spoof(Spoof::Off);
     assert_eq!(transfer.finish().await, TOTAL as u64);

@@ -965,8 +965,11 @@ async fn concurrent_lookups_share_one_request() {
 #[tokio::test]
 async fn slow_responder_blocks_only_its_waiters() {
     let pki = shared();
-    let (_logs, responder) = pki.responder(DEVICE_CA, &["--delay", "1.5"]);
-    let checker = checker(settings(Some(responder.url())));
+    let (_logs, responder) = pki.responder(DEVICE_CA, &["--delay", "3"]);
+    let checker = checker(OcspSettings {
+        timeout: Duration::from_secs(15),
+        ..settings(Some(responder.url()))
+    });
     let issuer = pki.cert(DEVICE_CA);
     let cached_leaf = pki.cert("DEV-0003");
     let slow_leaf = pki.cert("DEV-0001");
@@ -981,7 +984,16 @@ async fn slow_responder_blocks_only_its_waiters() {
         let issuer = issuer.clone();
         tokio::spawn(async move { checker.status(&slow_leaf, &issuer, SystemTime::now()).await })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The responder counts a request when it arrives, before the delay, so a
+    // second one means the slow lookup is waiting for its response.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while responder.stats().await.requests < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the slow lookup sent no request within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let started = Instant::now();
     let fast = checker
         .status(&cached_leaf, &issuer, SystemTime::now())
@@ -989,8 +1001,9 @@ async fn slow_responder_blocks_only_its_waiters() {
     let elapsed = started.elapsed();
 
     assert!(expect_good(&fast).from_cache);
+    // A lookup blocked behind the slow one would take about the 3 s delay.
     assert!(
-        elapsed < Duration::from_millis(200),
+        elapsed < Duration::from_secs(1),
         "cached lookup took {elapsed:?}"
     );
     assert!(

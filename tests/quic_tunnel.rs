@@ -85,14 +85,20 @@ async fn half_close_from_client_reaches_upstream_as_fin() {
 async fn client_reset_reaches_upstream_as_rst() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let upstream = listener.local_addr().expect("addr");
+    let (received_tx, received_rx) = tokio::sync::oneshot::channel();
     let (result_tx, result_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         let (mut tcp, _) = listener.accept().await.expect("accept");
+        let mut received_tx = Some(received_tx);
         let mut buf = vec![0u8; 4096];
         let outcome = loop {
             match tcp.read(&mut buf).await {
                 Ok(0) => break Ok(()),
-                Ok(_) => continue,
+                Ok(_) => {
+                    if let Some(tx) = received_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
                 Err(e) => break Err(e.kind()),
             }
         };
@@ -102,7 +108,12 @@ async fn client_reset_reaches_upstream_as_rst() {
     let (_client, tunnel) = connect(gw.addr(), "DEV-0001", WIKI).await;
     let (mut send, _recv) = tunnel.open_stream().await.expect("open");
     send.write_all(b"some bytes").await.expect("write");
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Reset only once the gateway has dialed the upstream and forwarded data,
+    // so that there is an upstream connection for the reset to reach.
+    tokio::time::timeout(Duration::from_secs(10), received_rx)
+        .await
+        .expect("the upstream receives the first bytes within 10 s")
+        .expect("upstream task");
     send.reset(quinn::VarInt::from_u32(77)).expect("reset");
     let outcome = tokio::time::timeout(Duration::from_secs(10), result_rx)
         .await
