@@ -293,16 +293,17 @@ async fn write_after_restart(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stateless_reset_after_restart() {
     // The test config's idle timeout is 30 s; the reset must come far sooner.
-    let ended = write_after_restart(true, Duration::from_secs(5)).await;
+    let patience = Duration::from_secs(10);
+    let ended = write_after_restart(true, patience).await;
     let Some((error, after)) = ended else {
-        panic!("the client did not learn of the restart within 5 s");
+        panic!("the client did not learn of the restart within {patience:?}");
     };
     assert_eq!(
         error,
         quinn::ConnectionError::Reset,
         "ended after {after:?}"
     );
-    assert!(after < Duration::from_secs(5), "reset after {after:?}");
+    assert!(after < patience, "reset after {after:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -947,7 +948,8 @@ async fn quic_answer_deadline_applies_only_to_silence() {
         Err(other) => panic!("expected a transient ending, got {other:?}"),
         Ok(_) => panic!("a blocked gateway cannot admit"),
     }
-    assert!(waited < Duration::from_secs(3), "gave up after {waited:?}");
+    // Well before the 10 s connect timeout, which would end it otherwise.
+    assert!(waited < Duration::from_secs(5), "gave up after {waited:?}");
 
     relay.control.blocked.store(false, Ordering::Relaxed);
     let tunnel = client

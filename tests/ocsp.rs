@@ -797,8 +797,9 @@ async fn hanging_responder_times_out() {
     let error = result.expect_err("a hanging responder produced a status");
     assert!(matches!(error, OcspError::Timeout { .. }), "{error}");
     assert!(elapsed >= timeout, "returned after {elapsed:?}");
+    // Far below the responder's 20 s hang.
     assert!(
-        elapsed < timeout + Duration::from_secs(1),
+        elapsed < timeout + Duration::from_secs(5),
         "returned after {elapsed:?}"
     );
 }

@@ -329,9 +329,11 @@ async fn serve_opa(
     }
 }
 
+/// The OPA timeout leaves room for a loaded machine. A hanging engine still
+/// fails within 2 s, well inside the clients' 10 s connect timeout.
 fn opa_section(opa: SocketAddr, extra: &str) -> String {
     format!(
-        "[policy]\nengine = \"opa\"\nopa_url = \"http://{opa}\"\nopa_timeout_ms = 300\nopa_retries = 0\nopa_circuit_failures = 100\nfailure_grace_secs = 2\n{extra}"
+        "[policy]\nengine = \"opa\"\nopa_url = \"http://{opa}\"\nopa_timeout_ms = 2000\nopa_retries = 0\nopa_circuit_failures = 100\nfailure_grace_secs = 2\n{extra}"
     )
 }
 

@@ -130,15 +130,16 @@ async fn session_outlives_decision_expiry_and_ends_at_max_length() {
     )
     .await;
     let (_client, mut tunnel) = connect(gw.addr(), "DEV-0001", WIKI).await;
+    let admitted = std::time::Instant::now();
     assert_eq!(tunnel.admitted.expires_in_secs, Some(1));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(echo_once(&tunnel, b"re-evaluated").await, b"re-evaluated");
-    let started = std::time::Instant::now();
     let ending = ending_within(&mut tunnel, Duration::from_secs(10)).await;
     assert_closed_with(&ending, Code::SessionExpired);
+    let length = admitted.elapsed();
     assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "closed at the 3 s maximum"
+        length < Duration::from_secs(6),
+        "closed {length:?} after admission; the maximum is 3 s"
     );
 }
 
@@ -162,8 +163,10 @@ async fn shutdown_drains_streams_then_closes() {
             });
         }
     });
+    // The drain deadline is far beyond the one-second reply, so an early close
+    // shows that the session closed when its stream finished.
     let (_dir, config) =
-        write_config_with("127.0.0.1:0", &[App::wiki(upstream)], "drain_secs = 5", "");
+        write_config_with("127.0.0.1:0", &[App::wiki(upstream)], "drain_secs = 30", "");
     let gateway = ztgate::gateway::Gateway::start(&config)
         .await
         .expect("gateway");
@@ -195,14 +198,14 @@ async fn shutdown_drains_streams_then_closes() {
         .expect("read");
     assert_eq!(reply, b"in progress");
     // The client was told, then the session closed with going-away once its
-    // stream finished, before the 5 s drain deadline.
-    let ending = ending_within(&mut tunnel, Duration::from_secs(10)).await;
+    // stream finished, long before the 30 s drain deadline.
+    let ending = ending_within(&mut tunnel, Duration::from_secs(15)).await;
     let closed_after = started.elapsed();
     assert_closed_with(&ending, Code::GoingAway);
     let going_away = tunnel.going_away.clone().expect("a going-away message");
-    assert_eq!(going_away.drain_secs, 5);
+    assert_eq!(going_away.drain_secs, 30);
     assert!(
-        closed_after < Duration::from_secs(4),
+        closed_after < Duration::from_secs(10),
         "closed after {closed_after:?}"
     );
     // New connections are refused.

@@ -412,8 +412,10 @@ mod tests {
 
         assert!(matches!(error, FetchError::Timeout { .. }), "{error}");
         assert!(error.to_string().contains(&url), "{error}");
+        // The server never sends a response, so only the 300 ms limit ends the
+        // request.
         assert!(
-            started.elapsed() < Duration::from_secs(2),
+            started.elapsed() < Duration::from_secs(5),
             "{:?}",
             started.elapsed()
         );
