@@ -259,6 +259,11 @@ impl ConfigHandle {
                         "gateway.reset_key_file or gateway.min_reset_interval_ms changed; stateless reset settings take effect only after a restart"
                     );
                 }
+                if old.udp_buffers != generation.udp_buffers {
+                    tracing::warn!(
+                        "gateway.udp_receive_buffer_bytes or gateway.udp_send_buffer_bytes changed; UDP buffer sizes take effect only after a restart"
+                    );
+                }
                 if old.sandbox != generation.sandbox {
                     tracing::warn!(
                         "the [sandbox] table changed; the sandbox settings take effect only after a restart"
