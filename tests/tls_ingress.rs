@@ -257,6 +257,44 @@ async fn denied_device_gets_close_notify_and_log_line() {
     assert!(line.contains("transport=\"tls\""), "{line}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rogue_certificate_refusal_is_logged_with_leaf() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let (_dir, config) = write_config_with("127.0.0.1:0", &[App::wiki(upstream)], TLS_LISTEN, "");
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ztgate"));
+    command.arg("serve").arg("--config").arg(&config);
+    let serve = Running::spawn_both(command);
+    let tls: SocketAddr = serve
+        .wait_for("ztgate: listening tls ", Duration::from_secs(20))
+        .parse()
+        .expect("TLS address");
+
+    // Two handshakes: the verifier is shared, and each must record the
+    // rejection into its own connection's outcome.
+    for _ in 0..2 {
+        let mut stream = tls_connect(tls, "DEV-ROGUE", WIKI)
+            .await
+            .expect("TLS 1.3 clients finish before the server's verdict");
+        let _ = stream.write_all(b"x").await;
+        let error = read_to_end(&mut stream)
+            .await
+            .expect_err("the gateway rejects the certificate");
+        assert!(error.to_string().contains("UnknownCA"), "{error}");
+    }
+
+    let line = serve.wait_for_all(
+        &[
+            "connection refused at the handshake",
+            "reason=\"unknown-ca\"",
+            "unverified_subject=",
+            "DEV-ROGUE",
+        ],
+        Duration::from_secs(10),
+    );
+    assert!(line.contains("transport=\"tls\""), "{line}");
+    assert!(line.contains("app=\"wiki"), "{line}");
+}
+
 #[tokio::test]
 async fn unknown_application_is_closed_after_handshake() {
     let upstream = echo_server("127.0.0.1:0").await;

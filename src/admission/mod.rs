@@ -20,7 +20,7 @@ pub const POLICY_FAILURE_RETRY: Duration = Duration::from_secs(10);
 /// Inputs of one admission.
 pub struct AdmissionRequest<'a> {
     /// The peer's chain, leaf first, as rustls stored it.
-    pub chain: &'a [CertificateDer<'static>],
+    pub chain: &'a [CertificateDer<'a>],
     pub server_name: Option<&'a str>,
     /// The validated, canonical client address.
     pub client: SocketAddr,

@@ -18,4 +18,4 @@ pub use device::{
     IdentityError, PermanentIdentifier,
 };
 pub use trust::{ChainError, DeviceCa, TrustStore, VerifiedChain};
-pub use verifier::{HandshakeOutcome, HandshakeVerifier};
+pub use verifier::{HandshakeOutcome, HandshakeVerifier, HANDSHAKE_OUTCOME};

@@ -1,9 +1,12 @@
 //! The client certificate verifier that rustls calls during the handshake.
 //!
-//! One verifier is made per connection so that a rejection can be reported
-//! together with the connection's source address and server name: the
-//! verifier records what it saw in a [`HandshakeOutcome`] that the ingress
-//! reads once the handshake ends.
+//! The verifier records what it saw in a [`HandshakeOutcome`] that the
+//! ingress reads once the handshake ends, so that a rejection is logged with
+//! the connection's source address and server name. A QUIC connection gets
+//! a verifier of its own, because quinn runs the handshake in its own task.
+//! The TLS-over-TCP ingress shares one verifier per config generation and
+//! runs each handshake inside [`HANDSHAKE_OUTCOME`], a task-local slot the
+//! verifier writes to.
 
 use super::device::{summarize_certificate, CertSummary};
 use super::trust::{ChainError, TrustStore};
@@ -23,28 +26,65 @@ pub struct HandshakeOutcome {
     pub rejected: Option<(CertSummary, ChainError)>,
 }
 
-/// A per-connection rustls client verifier backed by a [`TrustStore`].
+tokio::task_local! {
+    /// The outcome of the handshake that the current task runs, for a
+    /// verifier made by [`HandshakeVerifier::task_scoped`].
+    pub static HANDSHAKE_OUTCOME: Arc<Mutex<HandshakeOutcome>>;
+}
+
+/// The destination of a verifier's records.
+#[derive(Debug)]
+enum OutcomeSink {
+    /// The one connection this verifier serves.
+    Connection(Arc<Mutex<HandshakeOutcome>>),
+    /// [`HANDSHAKE_OUTCOME`] of the task that runs the handshake.
+    Task,
+}
+
+/// A rustls client verifier backed by a [`TrustStore`].
 #[derive(Debug)]
 pub struct HandshakeVerifier {
     trust: Arc<TrustStore>,
-    outcome: Arc<Mutex<HandshakeOutcome>>,
+    sink: OutcomeSink,
 }
 
 impl HandshakeVerifier {
+    /// Makes a verifier for one connection and the outcome it writes to.
     pub fn new(trust: Arc<TrustStore>) -> (Arc<Self>, Arc<Mutex<HandshakeOutcome>>) {
         let outcome = Arc::new(Mutex::new(HandshakeOutcome::default()));
         let verifier = Arc::new(HandshakeVerifier {
             trust,
-            outcome: outcome.clone(),
+            sink: OutcomeSink::Connection(outcome.clone()),
         });
         (verifier, outcome)
+    }
+
+    /// Makes a verifier that many connections share. It records into
+    /// [`HANDSHAKE_OUTCOME`], so each handshake must run inside
+    /// `HANDSHAKE_OUTCOME.scope`; outside one, nothing is recorded.
+    pub fn task_scoped(trust: Arc<TrustStore>) -> Arc<Self> {
+        Arc::new(HandshakeVerifier {
+            trust,
+            sink: OutcomeSink::Task,
+        })
     }
 
     fn record(&self, update: impl FnOnce(&mut HandshakeOutcome)) {
         // A poisoned lock only means another thread panicked while holding
         // it; the outcome is plain data, so keep using it.
-        let mut guard = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
-        update(&mut guard);
+        let apply = |outcome: &Mutex<HandshakeOutcome>| {
+            update(&mut outcome.lock().unwrap_or_else(|p| p.into_inner()));
+        };
+        match &self.sink {
+            OutcomeSink::Connection(outcome) => apply(outcome),
+            OutcomeSink::Task => {
+                if HANDSHAKE_OUTCOME.try_with(|o| apply(o)).is_err() {
+                    tracing::debug!(
+                        "certificate verified outside a handshake scope; outcome not recorded"
+                    );
+                }
+            }
+        }
     }
 }
 

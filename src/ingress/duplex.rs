@@ -38,7 +38,9 @@ enum Half {
 }
 
 /// Size of the read that waits for data while a direction has no buffer.
-const FIRST_READ_BYTES: usize = 256;
+/// The array lives in the tunnel's task for the tunnel's whole life, so it
+/// is small: the rest of a burst follows in the gathering reads.
+const FIRST_READ_BYTES: usize = 64;
 
 async fn copy_half<R, W>(
     from: &mut R,

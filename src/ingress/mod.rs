@@ -106,9 +106,10 @@ pub struct Shared {
     /// generations, so a reload does not force every device through a full
     /// handshake.
     pub quic_tickets: Arc<dyn rustls::server::ProducesTickets>,
-    /// The same for the TLS-over-TCP ingress, kept apart so that a session
-    /// is resumed only on the transport it was made on.
-    pub tls_tickets: Arc<dyn rustls::server::ProducesTickets>,
+    /// The TLS-over-TCP ingress's server configs, with session ticket keys
+    /// of their own, so that a session is resumed only on the transport it
+    /// was made on.
+    pub tls_configs: tls_config::TlsConfigCache,
     /// A client address that never changes, for the supervisor of a TLS
     /// tunnel: a TCP connection keeps its address. The sender stays here,
     /// so receivers never see the channel close.
@@ -130,6 +131,8 @@ pub struct Shared {
     pub handshake_rate: HandshakeRateLimiter,
     /// Upstream dials in progress per application.
     pub dials: crate::forward::DialLimiter,
+    /// One shared copy of each CA certificate that sessions keep.
+    pub certificates: crate::session::CertInterner,
 }
 
 impl Shared {
@@ -149,12 +152,13 @@ impl Shared {
             stats: IngressStats::default(),
             shutdown,
             quic_tickets: rustls::crypto::ring::Ticketer::new()?,
-            tls_tickets: rustls::crypto::ring::Ticketer::new()?,
+            tls_configs: tls_config::TlsConfigCache::new(rustls::crypto::ring::Ticketer::new()?),
             fixed_address: watch::channel(unspecified),
             refusal_log: PerSourceLimiter::new(20, Duration::from_secs(10)),
             shed_log: PerSourceLimiter::new(5, Duration::from_secs(10)),
             handshake_rate: HandshakeRateLimiter::default(),
             dials: crate::forward::DialLimiter::default(),
+            certificates: crate::session::CertInterner::default(),
         }))
     }
 }
@@ -163,7 +167,7 @@ impl Shared {
     /// Builds the admission request of a new connection on either ingress.
     pub fn admission_request<'a>(
         &'a self,
-        chain: &'a [rustls::pki_types::CertificateDer<'static>],
+        chain: &'a [rustls::pki_types::CertificateDer<'a>],
         server_name: Option<&'a str>,
         client: std::net::SocketAddr,
         transport: crate::policy::Transport,
@@ -200,7 +204,7 @@ impl Shared {
         step_up: Option<crate::session::StepUpControl>,
     ) -> crate::session::SessionState {
         crate::session::SessionState {
-            chain,
+            chain: crate::session::SessionChain::new(chain, &self.certificates),
             server_name,
             transport,
             client,
@@ -213,7 +217,6 @@ impl Shared {
             ocsp: Some(self.ocsp.clone()),
             posture: Some(self.posture.clone()),
             crl: Some(self.crl.clone()),
-            reevaluate: entry.reevaluate.clone(),
             entry: entry.clone(),
             step_up,
         }

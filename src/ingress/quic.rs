@@ -481,7 +481,6 @@ async fn run_admitted(
         &guard.entry,
         Some(step_up),
     );
-    let mut close_rx = guard.close.clone();
     let mut shutdown = shared.shutdown.clone();
     let (address_tx, mut address_rx) = watch::channel(remote);
     // Pinned where they are built: `tokio::pin!` would move each into a
@@ -497,7 +496,6 @@ async fn run_admitted(
     let mut supervision = std::pin::pin!(supervise(
         &mut state,
         &shared.config,
-        &mut close_rx,
         &mut shutdown,
         &mut address_rx,
     ));

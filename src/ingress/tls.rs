@@ -14,11 +14,11 @@
 use super::duplex::{copy_duplex, reset_on_close, DuplexEnd};
 use super::quic::canonical;
 use super::read_buffer::ReleasingReader;
-use super::tls_config::server_tls_config;
 use super::{PendingHandshake, Shared, SourceVerdict};
 use crate::admission::{self, Refused};
 use crate::config::Generation;
 use crate::identity::HandshakeOutcome;
+use crate::identity::HANDSHAKE_OUTCOME;
 use crate::policy::Transport;
 use crate::session::{supervise, SourceGuard};
 use rustls::pki_types::CertificateDer;
@@ -168,13 +168,20 @@ async fn handshake(
         .and_then(|name| generation.application(name))
         .map(|app| app.tls_alpn.iter().map(Vec::as_slice).collect())
         .unwrap_or_default();
-    let (config, outcome) = server_tls_config(generation, &alpn, shared.tls_tickets.clone())
+    let config = shared
+        .tls_configs
+        .get(generation, &alpn)
         .map_err(|e| HandshakeFailure {
             sni: sni.clone(),
             outcome: None,
             error: std::io::Error::other(format!("TLS configuration failed: {e}")),
         })?;
-    match start.into_stream(Arc::new(config)).await {
+    // The shared verifier records its result in this handshake's slot.
+    let outcome = Arc::new(Mutex::new(HandshakeOutcome::default()));
+    let accepted = HANDSHAKE_OUTCOME
+        .scope(outcome.clone(), start.into_stream(config))
+        .await;
+    match accepted {
         Ok(stream) => Ok(Handshake {
             stream: Box::new(stream),
             sni,
@@ -280,25 +287,60 @@ fn log_handshake_failure(shared: &Shared, remote: SocketAddr, failure: &Handshak
     }
 }
 
+/// An admitted tunnel with its upstream connection, ready to copy.
+struct OpenTunnel {
+    stream: Box<TlsTunnel>,
+    upstream: TcpStream,
+    state: crate::session::SessionState,
+    guard: crate::session::SessionGuard,
+    /// `limits.copy_buffer_bytes` of the generation that admitted it.
+    copy_buffer: usize,
+}
+
 async fn run_admitted(
-    mut stream: Box<TlsTunnel>,
+    stream: Box<TlsTunnel>,
     chain: Vec<CertificateDer<'static>>,
     sni: Option<String>,
     remote: SocketAddr,
     resumed: bool,
     shared: Arc<Shared>,
 ) {
-    let stats = &shared.stats;
     let started = Instant::now();
+    // Boxed: admission, registration and the dial end before the copy
+    // starts, so their state is freed instead of taking room in the task
+    // for the tunnel's whole life.
+    let Some(tunnel) = Box::pin(open_tunnel(
+        stream, chain, sni, remote, resumed, &shared, started,
+    ))
+    .await
+    else {
+        return;
+    };
+    run_tunnel(tunnel, &shared, started).await;
+}
+
+/// Admits the connection, registers the session and dials the upstream.
+/// Returns `None` when the connection was refused or the dial failed,
+/// after closing the connection accordingly.
+async fn open_tunnel(
+    mut stream: Box<TlsTunnel>,
+    chain: Vec<CertificateDer<'static>>,
+    sni: Option<String>,
+    remote: SocketAddr,
+    resumed: bool,
+    shared: &Shared,
+    started: Instant,
+) -> Option<Box<OpenTunnel>> {
+    let stats = &shared.stats;
     let generation = shared.config.current();
     let request = shared.admission_request(&chain, sni.as_deref(), remote, Transport::Tls);
-    let admitted = match Box::pin(admission::admit(&generation, &request)).await {
+    let admitted = match admission::admit(&generation, &request).await {
         Ok(a) => a,
         Err(refused) => {
             stats.refused.fetch_add(1, Ordering::Relaxed);
-            log_refusal(&shared, remote, resumed, &refused);
+            log_refusal(shared, remote, resumed, &refused);
             close_notify(&mut stream).await;
-            return;
+            return None;
         }
     };
     let span = tracing::Span::current();
@@ -323,7 +365,7 @@ async fn run_admitted(
                 info!(device = %admitted.identity.device_id, app = %admitted.application.name, reason = close.code.name(), detail = %close.reason, "connection refused after the handshake");
             }
             close_notify(&mut stream).await;
-            return;
+            return None;
         }
     };
     span.record("session", guard.entry.id);
@@ -335,12 +377,7 @@ async fn run_admitted(
     debug!(rule = admitted.decision.rule(), resumed, ca = %admitted.ca_name, "connection admitted");
 
     let application = admitted.application.clone();
-    let mut upstream = match Box::pin(super::quic::dial_upstream(
-        &shared,
-        &application,
-        &generation.limits,
-    ))
-    .await
+    let upstream = match super::quic::dial_upstream(shared, &application, &generation.limits).await
     {
         Ok(tcp) => tcp,
         Err(code) => {
@@ -349,13 +386,12 @@ async fn run_admitted(
                 "no upstream connection; connection reset"
             );
             reset_on_close(stream.get_ref().0.get_ref());
-            return;
+            return None;
         }
     };
-    let buffer = generation.limits.copy_buffer_bytes;
     // One TCP connection is one tunnel, already dialled: a step-up closes
     // the session.
-    let mut state = shared.session_state(
+    let state = shared.session_state(
         chain,
         sni,
         Transport::Tls,
@@ -366,16 +402,36 @@ async fn run_admitted(
         &guard.entry,
         None,
     );
-    let mut close_rx = guard.close.clone();
+    Some(Box::new(OpenTunnel {
+        stream,
+        upstream,
+        state,
+        guard,
+        copy_buffer: generation.limits.copy_buffer_bytes,
+    }))
+}
+
+/// Copies the tunnel's bytes until either side ends or the supervisor
+/// closes the session, and logs the end. The tunnel stays boxed and is
+/// used in place, so the task keeps no second copy of it.
+async fn run_tunnel(mut tunnel: Box<OpenTunnel>, shared: &Shared, started: Instant) {
+    let OpenTunnel {
+        stream,
+        upstream,
+        state,
+        guard,
+        copy_buffer,
+    } = &mut *tunnel;
+    let copy_buffer = *copy_buffer;
     let mut shutdown = shared.shutdown.clone();
     // A TCP connection keeps its address, so no path change ever arrives.
     let mut addresses = shared.fixed_address.1.clone();
     let outcome = {
         // The connection is the session's one tunnel: a drain waits for it.
         guard.entry.streams_active.fetch_add(1, Ordering::Relaxed);
-        let mut copy = std::pin::pin!(copy_duplex(&mut *stream, &mut upstream, buffer));
+        let mut copy = std::pin::pin!(copy_duplex(&mut **stream, upstream, copy_buffer));
         tokio::select! {
-            request = supervise(&mut state, &shared.config, &mut close_rx, &mut shutdown, &mut addresses) => Err(request),
+            request = supervise(state, &shared.config, &mut shutdown, &mut addresses) => Err(request),
             copied = &mut copy => Ok(copied),
         }
     };
@@ -386,8 +442,8 @@ async fn run_admitted(
             let up = entry.bytes_to_upstream.load(Ordering::Relaxed);
             let down = entry.bytes_to_client.load(Ordering::Relaxed);
             info!(code = request.code.name(), reason = %request.reason, bytes_to_upstream = up, bytes_to_client = down, duration_ms, "session closed by the gateway");
-            reset_on_close(&upstream);
-            close_notify(&mut stream).await;
+            reset_on_close(upstream);
+            close_notify(stream).await;
         }
         Ok((end, copied)) => {
             entry
@@ -412,7 +468,7 @@ async fn run_admitted(
                         super::duplex::Side::Second => "upstream",
                     };
                     info!(aborted_by = by, error = %error, bytes_to_upstream = up, bytes_to_client = down, duration_ms, "session ended abruptly; both connections reset");
-                    reset_on_close(&upstream);
+                    reset_on_close(upstream);
                     reset_on_close(stream.get_ref().0.get_ref());
                 }
             }

@@ -1,9 +1,10 @@
-//! The rustls server configuration for one connection.
+//! The rustls server configurations of both ingresses.
 
 use crate::config::Generation;
 use crate::identity::{HandshakeOutcome, HandshakeVerifier};
 use rustls::server::{ClientHello, NoServerSessionStorage, ProducesTickets, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 #[derive(Debug)]
@@ -36,15 +37,25 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
         .clone()
 }
 
-/// Builds a TLS 1.3-only server config whose client verifier reports into
-/// the returned outcome. `alpn` is the list offered (empty for none);
-/// `tickets` makes the session tickets.
+/// Builds a TLS 1.3-only server config for one connection whose client
+/// verifier reports into the returned outcome. `alpn` is the list offered
+/// (empty for none); `tickets` makes the session tickets.
 pub fn server_tls_config(
     generation: &Generation,
     alpn: &[&[u8]],
     tickets: Arc<dyn ProducesTickets>,
 ) -> Result<(rustls::ServerConfig, Arc<Mutex<HandshakeOutcome>>), rustls::Error> {
     let (verifier, outcome) = HandshakeVerifier::new(generation.trust.clone());
+    let config = build(generation, alpn, tickets, verifier)?;
+    Ok((config, outcome))
+}
+
+fn build(
+    generation: &Generation,
+    alpn: &[&[u8]],
+    tickets: Arc<dyn ProducesTickets>,
+    verifier: Arc<HandshakeVerifier>,
+) -> Result<rustls::ServerConfig, rustls::Error> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -64,5 +75,71 @@ pub fn server_tls_config(
     config.send_tls13_tickets = 1;
     // 0-RTT stays off: early data would reach an upstream before admission.
     config.max_early_data_size = 0;
-    Ok((config, outcome))
+    Ok(config)
+}
+
+/// The TLS-over-TCP ingress's server configs of the current generation,
+/// one per ALPN list, with one verifier they share. rustls keeps a
+/// connection's config for the connection's life, so sharing saves every
+/// TLS tunnel its own copy. Handshakes must run inside
+/// `identity::HANDSHAKE_OUTCOME.scope` for rejections to be
+/// recorded.
+pub struct TlsConfigCache {
+    tickets: Arc<dyn ProducesTickets>,
+    current: Mutex<CachedConfigs>,
+}
+
+#[derive(Default)]
+struct CachedConfigs {
+    generation: u64,
+    verifier: Option<Arc<HandshakeVerifier>>,
+    by_alpn: HashMap<Vec<Vec<u8>>, Arc<rustls::ServerConfig>>,
+}
+
+impl TlsConfigCache {
+    pub fn new(tickets: Arc<dyn ProducesTickets>) -> TlsConfigCache {
+        TlsConfigCache {
+            tickets,
+            current: Mutex::new(CachedConfigs::default()),
+        }
+    }
+
+    /// Returns the config for `generation` that offers `alpn`, building it
+    /// on first use. A newer generation replaces every cached config.
+    pub fn get(
+        &self,
+        generation: &Generation,
+        alpn: &[&[u8]],
+    ) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+        let mut cached = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if generation.id < cached.generation {
+            // A connection accepted just before a reload: serve it without
+            // displacing the newer generation's configs.
+            let verifier = HandshakeVerifier::task_scoped(generation.trust.clone());
+            return Ok(Arc::new(build(
+                generation,
+                alpn,
+                self.tickets.clone(),
+                verifier,
+            )?));
+        }
+        if cached.generation != generation.id || cached.verifier.is_none() {
+            *cached = CachedConfigs {
+                generation: generation.id,
+                verifier: Some(HandshakeVerifier::task_scoped(generation.trust.clone())),
+                by_alpn: HashMap::new(),
+            };
+        }
+        let key: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
+        if let Some(config) = cached.by_alpn.get(&key) {
+            return Ok(config.clone());
+        }
+        let verifier = cached
+            .verifier
+            .clone()
+            .unwrap_or_else(|| HandshakeVerifier::task_scoped(generation.trust.clone()));
+        let config = Arc::new(build(generation, alpn, self.tickets.clone(), verifier)?);
+        cached.by_alpn.insert(key, config.clone());
+        Ok(config)
+    }
 }

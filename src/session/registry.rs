@@ -11,7 +11,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use tokio::sync::watch;
 
 /// What the registry keeps of one session.
 #[derive(Debug)]
@@ -35,21 +34,41 @@ pub struct SessionEntry {
     pub bytes_to_upstream: AtomicU64,
     pub bytes_to_client: AtomicU64,
     /// Wakes the session's supervisor to evaluate the session again now.
-    pub reevaluate: Arc<tokio::sync::Notify>,
-    close: watch::Sender<Option<CloseRequest>>,
+    pub reevaluate: tokio::sync::Notify,
+    /// The first close request. A mutex and a notify, not a watch
+    /// channel: the channel's shared state takes about 400 bytes per
+    /// session, and the session's supervisor is the only reader.
+    close: Mutex<Option<CloseRequest>>,
+    close_requested: tokio::sync::Notify,
 }
 
 impl SessionEntry {
     /// Asks the session to close; the first request wins.
     pub fn request_close(&self, request: CloseRequest) {
-        self.close.send_if_modified(|slot| {
-            if slot.is_none() {
-                *slot = Some(request);
-                true
-            } else {
-                false
+        let mut slot = self.close.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(request);
+            drop(slot);
+            // Stores a permit when the supervisor is not waiting yet, so
+            // the request is seen by its next wait.
+            self.close_requested.notify_one();
+        }
+    }
+
+    /// Returns the close request, if one was made.
+    pub fn close_request(&self) -> Option<CloseRequest> {
+        self.close.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Waits for a close request. Only one task may wait at a time: the
+    /// session's supervisor.
+    pub async fn closed(&self) -> CloseRequest {
+        loop {
+            if let Some(request) = self.close_request() {
+                return request;
             }
-        });
+            self.close_requested.notified().await;
+        }
     }
 }
 
@@ -127,7 +146,6 @@ impl Drop for SourceGuard {
 pub struct SessionGuard {
     registry: Arc<Registry>,
     pub entry: Arc<SessionEntry>,
-    pub close: watch::Receiver<Option<CloseRequest>>,
 }
 
 impl Drop for SessionGuard {
@@ -200,7 +218,6 @@ impl Registry {
             ));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (close_tx, close_rx) = watch::channel(None);
         let entry = Arc::new(SessionEntry {
             id,
             identity: identity.clone(),
@@ -215,8 +232,9 @@ impl Registry {
             evaluated_client: Mutex::new(client),
             bytes_to_upstream: AtomicU64::new(0),
             bytes_to_client: AtomicU64::new(0),
-            reevaluate: Arc::new(tokio::sync::Notify::new()),
-            close: close_tx,
+            reevaluate: tokio::sync::Notify::new(),
+            close: Mutex::new(None),
+            close_requested: tokio::sync::Notify::new(),
         });
         idx.sessions.insert(id, entry.clone());
         index_insert(
@@ -234,7 +252,6 @@ impl Registry {
         Ok(SessionGuard {
             registry: self.clone(),
             entry,
-            close: close_rx,
         })
     }
 

@@ -7,7 +7,6 @@ use crate::config::{Application, ConfigHandle};
 use crate::policy::Transport;
 use crate::protocol::Code;
 use arc_swap::ArcSwap;
-use rustls::pki_types::CertificateDer;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -55,7 +54,7 @@ pub struct StepUpControl {
 
 /// What the supervisor needs to re-evaluate a session.
 pub struct SessionState {
-    pub chain: Vec<CertificateDer<'static>>,
+    pub chain: super::SessionChain,
     pub server_name: Option<String>,
     pub transport: Transport,
     /// The validated client address.
@@ -74,10 +73,8 @@ pub struct SessionState {
     pub ocsp: Option<crate::identity::ocsp::OcspChecker>,
     pub posture: Option<Arc<crate::policy::PostureStore>>,
     pub crl: Option<Arc<crate::identity::revocation::RevocationStore>>,
-    /// Notified when something outside the session (a posture push) asks
-    /// for an evaluation now.
-    pub reevaluate: Arc<tokio::sync::Notify>,
-    /// The registry entry, which records each evaluation.
+    /// The registry entry. It records each evaluation and carries the
+    /// requests to close the session or to evaluate it now (a posture push).
     pub entry: Arc<SessionEntry>,
     /// Step-up handling inside the session; `None` where a step-up ends the
     /// session instead (the TLS-over-TCP ingress).
@@ -93,7 +90,6 @@ pub struct SessionState {
 pub async fn supervise(
     state: &mut SessionState,
     config: &ConfigHandle,
-    close: &mut watch::Receiver<Option<CloseRequest>>,
     shutdown: &mut watch::Receiver<bool>,
     addresses: &mut watch::Receiver<SocketAddr>,
 ) -> CloseRequest {
@@ -109,11 +105,11 @@ pub async fn supervise(
         None => (tokio::sync::watch::channel(0u64).1, false),
     };
     loop {
-        if let Some(request) = close.borrow_and_update().clone() {
+        if let Some(request) = state.entry.close_request() {
             return request;
         }
         if *shutdown.borrow_and_update() {
-            return drain(state, config, close).await;
+            return drain(state, config).await;
         }
         let deadline = state.admitted.deadline.clone();
         let sleep = async {
@@ -122,15 +118,12 @@ pub async fn supervise(
                 None => std::future::pending::<()>().await,
             }
         };
+        let entry = state.entry.clone();
         tokio::select! {
-            changed = close.changed() => {
-                if changed.is_err() {
-                    return CloseRequest::new(Code::InternalError, "session registry entry dropped");
-                }
-            }
+            request = entry.closed() => return request,
             changed = shutdown.changed() => {
                 if changed.is_err() {
-                    return drain(state, config, close).await;
+                    return drain(state, config).await;
                 }
             }
             changed = crl_changes.changed(), if crl_open => {
@@ -142,7 +135,7 @@ pub async fn supervise(
                     return request;
                 }
             }
-            _ = state.reevaluate.notified() => {
+            _ = entry.reevaluate.notified() => {
                 if let Err(request) = reevaluate(state, config, "requested").await {
                     return request;
                 }
@@ -200,8 +193,9 @@ async fn evaluate_again(
     trigger: &'static str,
 ) -> Result<(), CloseRequest> {
     let generation = config.current();
+    let chain = state.chain.ders();
     let request = AdmissionRequest {
-        chain: &state.chain,
+        chain: &chain,
         server_name: state.server_name.as_deref(),
         client: state.client,
         path_changes: state.path_changes,
@@ -316,7 +310,7 @@ fn recheck_revocation(state: &SessionState) -> Option<CloseRequest> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
-    let verdict = store.check(&state.admitted.ca_name, &state.chain, now);
+    let verdict = store.check(&state.admitted.ca_name, &state.chain.ders(), now);
     match verdict.for_live_session() {
         RevocationOutcome::Admit { .. } => None,
         RevocationOutcome::Refuse {
@@ -387,11 +381,7 @@ fn step_up(
 
 /// Tells the client the gateway is going away, lets the session's streams
 /// finish until `gateway.drain_secs` runs out, then asks for the close.
-async fn drain(
-    state: &SessionState,
-    config: &ConfigHandle,
-    close: &mut watch::Receiver<Option<CloseRequest>>,
-) -> CloseRequest {
+async fn drain(state: &SessionState, config: &ConfigHandle) -> CloseRequest {
     let drain = config.current().timeouts.drain;
     if let Some(control) = &state.step_up {
         let _ = control
@@ -405,7 +395,7 @@ async fn drain(
     }
     let deadline = tokio::time::Instant::now() + drain;
     while state.entry.streams_active.load(Ordering::Relaxed) > 0 {
-        if let Some(request) = close.borrow_and_update().clone() {
+        if let Some(request) = state.entry.close_request() {
             return request;
         }
         if tokio::time::Instant::now() >= deadline {
