@@ -225,17 +225,25 @@ async fn rogue_certificate_gets_tls_alert() {
     assert_eq!(gw.gateway.shared().registry.session_count(), 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn denied_device_gets_close_notify_and_log_line() {
-    let upstream = echo_server("127.0.0.1:0").await;
-    let (_dir, config) = write_config_with("127.0.0.1:0", &[App::wiki(upstream)], TLS_LISTEN, "");
+/// Starts `ztgate serve` as a process with a TLS listener, whose log lines
+/// the test reads. Returns the config directory, the process and the TLS
+/// address.
+fn serve_process(apps: &[App]) -> (tempfile::TempDir, Running, SocketAddr) {
+    let (dir, config) = write_config_with("127.0.0.1:0", apps, TLS_LISTEN, "");
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ztgate"));
     command.arg("serve").arg("--config").arg(&config);
     let serve = Running::spawn_both(command);
-    let tls: SocketAddr = serve
+    let tls = serve
         .wait_for("ztgate: listening tls ", Duration::from_secs(20))
         .parse()
         .expect("TLS address");
+    (dir, serve, tls)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_device_gets_close_notify_and_log_line() {
+    let upstream = echo_server("127.0.0.1:0").await;
+    let (_dir, serve, tls) = serve_process(&[App::wiki(upstream)]);
 
     // DEV-0003 has no hardware-bound mark and the wiki requires one.
     let mut stream = tls_connect(tls, "DEV-0003", WIKI)
@@ -260,14 +268,7 @@ async fn denied_device_gets_close_notify_and_log_line() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rogue_certificate_refusal_is_logged_with_leaf() {
     let upstream = echo_server("127.0.0.1:0").await;
-    let (_dir, config) = write_config_with("127.0.0.1:0", &[App::wiki(upstream)], TLS_LISTEN, "");
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ztgate"));
-    command.arg("serve").arg("--config").arg(&config);
-    let serve = Running::spawn_both(command);
-    let tls: SocketAddr = serve
-        .wait_for("ztgate: listening tls ", Duration::from_secs(20))
-        .parse()
-        .expect("TLS address");
+    let (_dir, serve, tls) = serve_process(&[App::wiki(upstream)]);
 
     // Two handshakes: the verifier is shared, and each must record the
     // rejection into its own connection's outcome.
