@@ -155,9 +155,14 @@ pub async fn run_connect(options: ConnectOptions) -> Result<(), String> {
     };
     let network_changed = Arc::new(Notify::new());
     if let Some(client) = &client {
+        // Subscribed here, not in the task: the SIGUSR1 handler must be in
+        // place before the client reports that it is listening, or an
+        // early SIGUSR1 would end the process (its default action).
+        let changes = super::netwatch::watch_network();
         tokio::spawn(follow_network_changes(
             client.clone(),
             network_changed.clone(),
+            changes,
         ));
         tokio::spawn(close_on_termination(client.clone()));
     }
@@ -280,8 +285,11 @@ pub async fn run_connect(options: ConnectOptions) -> Result<(), String> {
 /// packet to be lost, and a pending reconnect wakes up. Events that leave the
 /// route's source address as it was (an IPv6 address elsewhere coming up,
 /// say) change nothing.
-async fn follow_network_changes(client: Arc<Client>, changed: Arc<Notify>) {
-    let mut changes = super::netwatch::watch_network();
+async fn follow_network_changes(
+    client: Arc<Client>,
+    changed: Arc<Notify>,
+    mut changes: tokio::sync::mpsc::Receiver<super::netwatch::NetworkChange>,
+) {
     let gateway = client.gateway();
     let mut source = route_source(gateway);
     while let Some(change) = changes.recv().await {
