@@ -1050,9 +1050,10 @@ async fn full_cache_evicts_oldest() {
     assert!(checker.cached(&pki.cert("DEV-0003"), &issuer).is_some());
 }
 
-#[tokio::test]
-async fn refresh_reports_new_revocation() {
-    // A PKI of its own, because the test revokes a certificate.
+/// Makes a PKI of its own in a new directory, with a responder whose
+/// answers are valid for one minute. Returns the directory, the PKI path
+/// and the responder.
+fn own_pki_with_short_responses() -> (tempfile::TempDir, PathBuf, Responder) {
     let dir = tempfile::tempdir().expect("temp dir");
     let pki = dir.path().join("pki");
     let responder = Responder::start(
@@ -1064,6 +1065,13 @@ async fn refresh_reports_new_revocation() {
         &dir.path().join("responder.log"),
     );
     make_pki(&pki, &responder.url());
+    (dir, pki, responder)
+}
+
+#[tokio::test]
+async fn refresh_reports_new_revocation() {
+    // A PKI of its own, because the test revokes a certificate.
+    let (_dir, pki, responder) = own_pki_with_short_responses();
     let checker = checker(settings(None));
     let mut events = checker.subscribe();
     let issuer = load_cert(&pki, DEVICE_CA);
@@ -1109,17 +1117,7 @@ async fn refresh_reports_new_revocation() {
 /// fetched again.
 #[tokio::test]
 async fn refresh_drops_statuses_without_sessions() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let pki = dir.path().join("pki");
-    let responder = Responder::start(
-        &[
-            responder_args(&pki, DEVICE_CA),
-            vec!["--nmin".to_owned(), "1".to_owned()],
-        ]
-        .concat(),
-        &dir.path().join("responder.log"),
-    );
-    make_pki(&pki, &responder.url());
+    let (_dir, pki, responder) = own_pki_with_short_responses();
     let checker = checker(settings(None));
     let issuer = load_cert(&pki, DEVICE_CA);
     let in_use = load_cert(&pki, "DEV-0001");

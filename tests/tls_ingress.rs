@@ -192,6 +192,19 @@ async fn openssl_s_client_reaches_echo_upstream() {
     let _ = child.kill().await;
 }
 
+/// Connects with DEV-ROGUE, whose CA the gateway does not trust, and checks
+/// that the connection ends with the unknown_ca alert.
+async fn expect_unknown_ca(tls: SocketAddr) {
+    let mut stream = tls_connect(tls, "DEV-ROGUE", WIKI)
+        .await
+        .expect("TLS 1.3 clients finish before the server's verdict");
+    let _ = stream.write_all(b"x").await;
+    let error = read_to_end(&mut stream)
+        .await
+        .expect_err("the gateway rejects the certificate");
+    assert!(error.to_string().contains("UnknownCA"), "{error}");
+}
+
 #[tokio::test]
 async fn rogue_certificate_gets_tls_alert() {
     let upstream = echo_server("127.0.0.1:0").await;
@@ -210,14 +223,7 @@ async fn rogue_certificate_gets_tls_alert() {
     assert!(output.stdout.is_empty(), "no upstream byte may arrive");
 
     // rustls sees the same alert as the precise error.
-    let mut stream = tls_connect(gw.tls_addr(), "DEV-ROGUE", WIKI)
-        .await
-        .expect("TLS 1.3 clients finish before the server's verdict");
-    let _ = stream.write_all(b"x").await;
-    let error = read_to_end(&mut stream)
-        .await
-        .expect_err("the gateway rejects the certificate");
-    assert!(error.to_string().contains("UnknownCA"), "{error}");
+    expect_unknown_ca(gw.tls_addr()).await;
 
     let stats = &gw.gateway.shared().stats;
     assert_eq!(stats.handshakes_failed.load(Ordering::Relaxed), 2);
@@ -273,14 +279,7 @@ async fn rogue_certificate_refusal_is_logged_with_leaf() {
     // Two handshakes: the verifier is shared, and each must record the
     // rejection into its own connection's outcome.
     for _ in 0..2 {
-        let mut stream = tls_connect(tls, "DEV-ROGUE", WIKI)
-            .await
-            .expect("TLS 1.3 clients finish before the server's verdict");
-        let _ = stream.write_all(b"x").await;
-        let error = read_to_end(&mut stream)
-            .await
-            .expect_err("the gateway rejects the certificate");
-        assert!(error.to_string().contains("UnknownCA"), "{error}");
+        expect_unknown_ca(tls).await;
     }
 
     let line = serve.wait_for_all(
