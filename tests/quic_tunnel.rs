@@ -355,7 +355,7 @@ async fn unreachable_upstream_resets_only_that_stream() {
         drop(listener);
         // Keep the port bound without listening, so later dials are refused
         // and no other test can start listening on it.
-        let _held = hold_port(upstream);
+        let _closed_port = hold_port(upstream);
         let (mut r, mut w) = tcp.split();
         let _ = tokio::io::copy(&mut r, &mut w).await;
     });

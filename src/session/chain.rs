@@ -141,7 +141,7 @@ mod tests {
     #[test]
     fn live_entry_is_reused_after_sweep() {
         let interner = CertInterner::default();
-        let kept = SessionChain::new(vec![der(0, 10), der(9, 20)], &interner);
+        let live = SessionChain::new(vec![der(0, 10), der(9, 20)], &interner);
         for round in 0..(MIN_SWEEP_AT * 2) {
             drop(SessionChain::new(
                 vec![
@@ -154,6 +154,6 @@ mod tests {
 
         let again = SessionChain::new(vec![der(1, 10), der(9, 20)], &interner);
 
-        assert!(Arc::ptr_eq(&kept.certificates[1], &again.certificates[1]));
+        assert!(Arc::ptr_eq(&live.certificates[1], &again.certificates[1]));
     }
 }

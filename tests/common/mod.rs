@@ -370,7 +370,7 @@ pub async fn banner_server() -> SocketAddr {
 /// A loopback TCP port that refuses connections for as long as it is held.
 ///
 /// The port stays bound without listening, so no other test can take it and
-/// every connection attempt is answered with a reset.
+/// every connection attempt gets a reset.
 pub struct ClosedPort {
     pub addr: SocketAddr,
     _socket: socket2::Socket,
