@@ -1051,7 +1051,7 @@ async fn full_cache_evicts_oldest() {
 }
 
 /// Makes a PKI of its own in a new directory, with a responder whose
-/// answers are valid for one minute. Returns the directory, the PKI path
+/// responses are valid for one minute. Returns the directory, the PKI path
 /// and the responder.
 fn own_pki_with_short_responses() -> (tempfile::TempDir, PathBuf, Responder) {
     let dir = tempfile::tempdir().expect("temp dir");

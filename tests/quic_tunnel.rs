@@ -485,7 +485,7 @@ async fn per_source_cap_refuses_extra_connection() {
     );
 }
 
-/// Binds `addr` again without listening; SO_REUSEADDR lets it share the port
+/// Binds `addr` again without listening. SO_REUSEADDR lets it share the port
 /// with the connection the closed listener accepted.
 fn hold_port(addr: std::net::SocketAddr) -> socket2::Socket {
     let socket =

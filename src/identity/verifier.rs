@@ -61,7 +61,7 @@ impl HandshakeVerifier {
 
     /// Makes a verifier that many connections share. It records into
     /// [`HANDSHAKE_OUTCOME`], so each handshake must run inside
-    /// `HANDSHAKE_OUTCOME.scope`; outside one, nothing is recorded.
+    /// `HANDSHAKE_OUTCOME.scope`. Outside one, nothing is recorded.
     pub fn task_scoped(trust: Arc<TrustStore>) -> Arc<Self> {
         Arc::new(HandshakeVerifier {
             trust,

@@ -53,7 +53,7 @@ impl CertInterner {
         shared
     }
 
-    /// Entries in the table, live or not yet swept.
+    /// Returns the number of entries, live or not yet swept.
     pub fn len(&self) -> usize {
         let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
         table.by_sha256.len()
